@@ -1,0 +1,75 @@
+"""One logger-agnostic way to log a picture: W&B, TensorBoard, or a PNG in the run directory."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["log_image", "figure_to_array", "run_dir"]
+
+
+def figure_to_array(fig: Figure) -> np.ndarray:
+    """Render a matplotlib figure (no pyplot, no display) to an ``(H, W, 3)`` uint8 array."""
+    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def run_dir(trainer: L.Trainer) -> Path:
+    """The run's directory: the logger's versioned ``log_dir``, else ``default_root_dir``."""
+    for logger in trainer.loggers:
+        if isinstance(logger, (CSVLogger, TensorBoardLogger)) and logger.log_dir:
+            return Path(logger.log_dir)
+    return Path(trainer.default_root_dir)
+
+
+def _as_array(image: Any) -> np.ndarray:
+    if isinstance(image, Figure):
+        return figure_to_array(image)
+    arr = np.asarray(image.detach().cpu() if hasattr(image, "detach") else image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)  # CHW -> HWC
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=-1)
+    if arr.dtype != np.uint8:
+        arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return arr
+
+
+@rank_zero_only
+def log_image(trainer: L.Trainer, key: str, image: Any, step: int | None = None) -> Path | None:
+    """Log ``image`` (a matplotlib Figure, or an HWC/CHW array in [0, 1] or uint8) under ``key``.
+
+    W&B loggers receive a ``wandb.Image``; TensorBoard loggers an image summary. Unless W&B is
+    the only logger, the picture is also written as
+    ``<run dir>/images/<key>_step<global step>.png`` and that path is returned. Nothing is
+    written under ``fast_dev_run`` (Lightning disables logging there).
+    """
+    if trainer.fast_dev_run:
+        return None
+    step = trainer.global_step if step is None else step
+    arr = _as_array(image)
+    wandb_only = bool(trainer.loggers) and all(isinstance(lg, WandbLogger) for lg in trainer.loggers)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[arr], step=step)
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, arr, global_step=step, dataformats="HWC")
+    if wandb_only:
+        return None
+    path = run_dir(trainer) / "images" / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', key)}_step{step:07d}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from matplotlib.image import imsave
+
+    imsave(path, arr)
+    return path

@@ -1,0 +1,112 @@
+"""The ``lightning-ebm`` command: LightningCLI subcommands plus ``sample``.
+
+    lightning-ebm fit --config configs/toy2d.yaml
+    lightning-ebm fit --config configs/toy2d.yaml --print_config
+    lightning-ebm sample --ckpt_path run/checkpoints/last.ckpt --num_samples 1000 --output samples.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import ArgsType, LightningCLI
+
+from .module import EBM
+
+__all__ = ["EBMCLI", "main", "sample_main"]
+
+SAMPLE_FORMATS = (".pt", ".npz", ".png")
+
+
+class EBMCLI(LightningCLI):
+    """LightningCLI for ``EBM`` (or subclasses) and any LightningDataModule.
+
+    ``Trainer(inference_mode=False)`` is the default: the samplers need input gradients during
+    validate/test/predict, which ``torch.inference_mode`` would forbid.
+    """
+
+    def __init__(self, args: ArgsType = None, run: bool = True, **kwargs) -> None:
+        trainer_defaults = {"inference_mode": False, **kwargs.pop("trainer_defaults", {})}
+        super().__init__(
+            EBM,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            trainer_defaults=trainer_defaults,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+
+def sample_main(argv: list[str]) -> Path:
+    """``lightning-ebm sample``: draw from a trained model's generator and write a file."""
+    parser = argparse.ArgumentParser(
+        prog="lightning-ebm sample", description="Draw samples from a trained EBM's generator."
+    )
+    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `lightning-ebm fit`")
+    parser.add_argument("--num_samples", type=int, default=1000)
+    parser.add_argument("--output", required=True, help=f"output file, one of {', '.join(SAMPLE_FORMATS)}")
+    parser.add_argument("--batch_size", type=int, default=None, help="run the dynamics in chunks of this size")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    args = parser.parse_args(argv)
+    output = Path(args.output)
+    if output.suffix not in SAMPLE_FORMATS:
+        parser.error(f"--output must end in one of {SAMPLE_FORMATS}, got {args.output!r}")
+    if args.num_samples < 1:
+        parser.error(f"--num_samples must be a positive integer, got {args.num_samples}")
+    if not Path(args.ckpt_path).is_file():
+        parser.error(f"--ckpt_path {args.ckpt_path!r} is not a file")
+    model = EBM.load_from_checkpoint(args.ckpt_path, map_location=args.device)
+    model.eval()
+    generator = torch.Generator(device=model.device).manual_seed(args.seed)
+    x = model.generate(args.num_samples, generator=generator, batch_size=args.batch_size).cpu()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.suffix == ".pt":
+        torch.save(x, output)
+    elif output.suffix == ".npz":
+        np.savez(output, samples=x.numpy())
+    else:
+        _save_png(x, output)
+    print(f"wrote {tuple(x.shape)} samples to {output}")
+    return output
+
+
+def _save_png(x: torch.Tensor, output: Path) -> None:
+    from matplotlib.figure import Figure
+
+    if x.ndim == 2 and x.shape[1] == 2:
+        fig = Figure(figsize=(5, 5), dpi=100)
+        ax = fig.subplots()
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
+        ax.set_aspect("equal")
+        ax.set_title(f"{x.shape[0]} generated samples")
+        fig.savefig(output)
+    elif x.ndim == 4:  # images (B, C, H, W) in [-1, 1]
+        from torchvision.utils import save_image
+
+        save_image(x, output, nrow=int(np.ceil(np.sqrt(x.shape[0]))), normalize=True, value_range=(-1, 1))
+    else:
+        raise ValueError(f"a .png needs 2-D points (N, 2) or images (N, C, H, W); got samples of shape "
+                         f"{tuple(x.shape)}: use .pt or .npz")
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of the ``lightning-ebm`` console script."""
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "sample":
+        sample_main(argv[1:])
+        return
+    EBMCLI(args=None if args is None else argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Two-dimensional toy distributions and their LightningDataModule."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, TensorDataset
+
+__all__ = ["TOY_DATASETS", "sample_toy", "Toy2DDataModule", "ToyBatchStream"]
+
+
+def _rand(n, g, *shape):
+    return torch.rand((n, *shape), generator=g, dtype=torch.float64)
+
+
+def _randn(n, g, *shape):
+    return torch.randn((n, *shape), generator=g, dtype=torch.float64)
+
+
+def _eight_gaussians(n: int, g: torch.Generator) -> Tensor:
+    k = torch.randint(0, 8, (n,), generator=g)
+    angle = k.double() * (math.pi / 4)
+    centres = 2.0 * math.sqrt(2.0) * torch.stack([angle.cos(), angle.sin()], 1)
+    return centres + (0.5 / math.sqrt(2.0)) * _randn(n, g, 2)
+
+
+def _two_spirals(n: int, g: torch.Generator) -> Tensor:
+    t = _rand(n, g).sqrt() * 3 * math.pi
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    xy = torch.stack([-t.cos() * t, t.sin() * t], 1) + 0.5 * _rand(n, g, 2)
+    return sign[:, None] * xy / 3 + 0.1 * _randn(n, g, 2)
+
+
+def _checkerboard(n: int, g: torch.Generator) -> Tensor:
+    x1 = _rand(n, g) * 4 - 2
+    x2 = _rand(n, g) - torch.randint(0, 2, (n,), generator=g).double() * 2
+    x2 = x2 + torch.floor(x1) % 2
+    return torch.stack([x1, x2], 1) * 2
+
+
+def _rings(n: int, g: torch.Generator) -> Tensor:
+    radius = 0.9 * torch.randint(1, 5, (n,), generator=g).double()
+    angle = _rand(n, g) * 2 * math.pi
+    return radius[:, None] * torch.stack([angle.cos(), angle.sin()], 1) + 0.08 * _randn(n, g, 2)
+
+
+def _moons(n: int, g: torch.Generator) -> Tensor:
+    t = _rand(n, g) * math.pi
+    upper = torch.rand(n, generator=g) < 0.5
+    x = torch.where(upper, t.cos(), 1 - t.cos())
+    y = torch.where(upper, t.sin(), 0.5 - t.sin())
+    return 1.5 * (torch.stack([x, y], 1) - torch.tensor([0.5, 0.25], dtype=torch.float64)) + 0.1 * _randn(n, g, 2)
+
+
+def _pinwheel(n: int, g: torch.Generator) -> Tensor:
+    arms, radial_std, tangential_std, rate = 5, 0.3, 0.1, 0.25
+    k = torch.randint(0, arms, (n,), generator=g)
+    feats = _randn(n, g, 2) * torch.tensor([radial_std, tangential_std], dtype=torch.float64)
+    feats[:, 0] += 1.0
+    angle = k.double() * (2 * math.pi / arms) + rate * feats[:, 0].exp()
+    c, s = angle.cos(), angle.sin()
+    rot = torch.stack([torch.stack([c, -s], 1), torch.stack([s, c], 1)], 1)  # (n, 2, 2)
+    return 2 * torch.einsum("nij,nj->ni", rot, feats)
+
+
+def _swissroll(n: int, g: torch.Generator) -> Tensor:
+    t = 1.5 * math.pi * (1 + 2 * _rand(n, g))
+    xy = torch.stack([t * t.cos(), t * t.sin()], 1)
+    return (xy + _randn(n, g, 2)) / 5
+
+
+#: name -> sampler ``(n, generator) -> (n, 2) float64``
+TOY_DATASETS: dict[str, Callable[[int, torch.Generator], Tensor]] = {
+    "8gaussians": _eight_gaussians,
+    "2spirals": _two_spirals,
+    "checkerboard": _checkerboard,
+    "rings": _rings,
+    "moons": _moons,
+    "pinwheel": _pinwheel,
+    "swissroll": _swissroll,
+}
+
+
+def _check_name(name: str) -> None:
+    if name not in TOY_DATASETS:
+        raise ValueError(f"unknown toy dataset name={name!r}; choose one of {sorted(TOY_DATASETS)}")
+
+
+def sample_toy(name: str, n: int, generator: torch.Generator | None = None, seed: int | None = None) -> Tensor:
+    """``n`` samples ``(n, 2)`` (float32) of the toy distribution ``name``."""
+    _check_name(name)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    return TOY_DATASETS[name](n, generator).float()
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
+
+
+class ToyBatchStream:
+    """An endless supply of fresh training batches, ``batches_per_epoch`` per epoch.
+
+    Each batch is drawn from a random stream seeded by ``(seed, rank)``; the stream's state and
+    position are saved by Lightning in checkpoints (the object is stateful), so a resumed run
+    sees exactly the batches the uninterrupted run would have seen. Every rank draws its own.
+    """
+
+    def __init__(self, name: str, batch_size: int, batches_per_epoch: int, seed: int) -> None:
+        _check_name(name)
+        self.name, self.batch_size, self.batches_per_epoch, self.seed = name, batch_size, batches_per_epoch, seed
+        self._generator: torch.Generator | None = None
+        self._position = 0  # batches already yielded in the current epoch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _stream(self) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * _rank() + 1)
+        return self._generator
+
+    def __iter__(self) -> Iterator[Tensor]:
+        if self._position >= self.batches_per_epoch:
+            self._position = 0
+        while self._position < self.batches_per_epoch:
+            batch = sample_toy(self.name, self.batch_size, generator=self._stream())
+            self._position += 1
+            yield batch
+        # the epoch is complete; the next __iter__ starts a new one
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"position": self._position, "generator": self._stream().get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._position = int(state["position"])
+        self._stream().set_state(state["generator"])
+
+
+class Toy2DDataModule(L.LightningDataModule):
+    """Two-dimensional toy data: fresh training samples every batch, a fixed held-out set.
+
+    Args:
+        name: one of ``8gaussians``, ``2spirals``, ``checkerboard``, ``rings``, ``moons``,
+            ``pinwheel``, ``swissroll``.
+        batch_size: training (and validation) batch size, per device.
+        batches_per_epoch: training batches per epoch (each freshly sampled).
+        num_val: held-out samples drawn once (seeded) for validation metrics.
+        seed: seed of the training stream (per rank) and of the held-out set.
+    """
+
+    sample_shape = (2,)
+
+    def __init__(
+        self,
+        name: str = "8gaussians",
+        batch_size: int = 256,
+        batches_per_epoch: int = 100,
+        num_val: int = 2000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _check_name(name)
+        for arg, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
+                           ("num_val", num_val)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"Toy2DDataModule: {arg} must be a positive integer, got {value!r}")
+        self.save_hyperparameters()
+        self.name, self.batch_size, self.seed = name, batch_size, seed
+        self.batches_per_epoch, self.num_val = batches_per_epoch, num_val
+        self._train = ToyBatchStream(name, batch_size, batches_per_epoch, seed)
+        self.val_data: Tensor | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.val_data is None:
+            generator = torch.Generator().manual_seed(10_000_019 + self.seed)
+            self.val_data = sample_toy(self.name, self.num_val, generator=generator)
+
+    def sample(self, n: int, seed: int = 0) -> Tensor:
+        """``n`` fresh samples ``(n, 2)`` from an independent seeded stream (for plots and floors)."""
+        return sample_toy(self.name, n, seed=20_000_003 + seed)
+
+    def train_dataloader(self) -> ToyBatchStream:
+        return self._train
+
+    def val_dataloader(self) -> DataLoader:
+        self.setup()
+        return DataLoader(TensorDataset(self.val_data), batch_size=self.batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

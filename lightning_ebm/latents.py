@@ -1,0 +1,214 @@
+"""Latents ``p0``: where the generator's dynamics start.
+
+``Uniform`` and ``Gaussian`` have a density (``log_prob``), so a deterministic sampler started
+from them defines a generator whose density can be computed (see ``lightning_ebm.density``).
+``ReplayBuffer`` keeps persistent chains: it has no density, and its contents are training state
+that travels in the module's ``state_dict`` (and so in every checkpoint).
+
+Every latent draws through an optional ``torch.Generator`` so the module can own the random
+stream (one per rank, saved in checkpoints).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Latent", "Uniform", "Gaussian", "ReplayBuffer"]
+
+
+def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
+    try:
+        out = tuple(int(s) for s in shape)
+    except TypeError:
+        out = ()
+    if not out or any(s < 1 for s in out) or any(int(s) != s for s in shape):
+        raise ValueError(f"shape must be a non-empty sequence of positive integers, got {shape!r}")
+    return out
+
+
+class Latent(nn.Module):
+    """Base class of latents: ``sample(n)`` draws ``(n, *shape)``; ``log_prob(z)`` gives ``(n,)``."""
+
+    shape: tuple[int, ...]
+    #: whether ``log_prob`` is defined (needed for the generator's density)
+    has_density: bool = True
+
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        raise NotImplementedError
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def _check_n(n: int) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n (the number of samples) must be a positive integer, got {n!r}")
+
+    def _check_z(self, z: Tensor) -> None:
+        if tuple(z.shape[1:]) != self.shape:
+            raise ValueError(f"{type(self).__name__}(shape={self.shape}) got z of shape {tuple(z.shape)}")
+
+
+class Uniform(Latent):
+    """Independent uniform noise on ``[low, high]`` in every coordinate (short-run EBMs' usual start)."""
+
+    def __init__(self, shape: Sequence[int], low: float = -1.0, high: float = 1.0) -> None:
+        super().__init__()
+        self.shape = _check_shape(shape)
+        if not (math.isfinite(low) and math.isfinite(high)) or not low < high:
+            raise ValueError(f"Uniform needs finite low < high, got low={low!r}, high={high!r}")
+        self.low, self.high = float(low), float(high)
+
+    def sample(self, n, *, generator=None, device=None, dtype=None) -> Tensor:
+        self._check_n(n)
+        u = torch.rand((n, *self.shape), generator=generator, device=device, dtype=dtype)
+        return self.low + (self.high - self.low) * u
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        self._check_z(z)
+        flat = z.flatten(1)
+        inside = ((flat >= self.low) & (flat <= self.high)).all(dim=1)
+        value = -flat.shape[1] * math.log(self.high - self.low)
+        return torch.where(inside, torch.full_like(flat[:, 0], value), torch.full_like(flat[:, 0], -math.inf))
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, low={self.low}, high={self.high}"
+
+
+class Gaussian(Latent):
+    """Independent Gaussian noise ``N(mean, std^2)`` in every coordinate."""
+
+    def __init__(self, shape: Sequence[int], mean: float = 0.0, std: float = 1.0) -> None:
+        super().__init__()
+        self.shape = _check_shape(shape)
+        if not math.isfinite(mean):
+            raise ValueError(f"Gaussian: mean must be finite, got {mean!r}")
+        if not (math.isfinite(std) and std > 0):
+            raise ValueError(f"Gaussian: std must be a positive finite number, got {std!r}")
+        self.mean, self.std = float(mean), float(std)
+
+    def sample(self, n, *, generator=None, device=None, dtype=None) -> Tensor:
+        self._check_n(n)
+        eps = torch.randn((n, *self.shape), generator=generator, device=device, dtype=dtype)
+        return self.mean + self.std * eps
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        self._check_z(z)
+        flat = (z.flatten(1) - self.mean) / self.std
+        d = flat.shape[1]
+        return -0.5 * flat.pow(2).sum(1) - d * (math.log(self.std) + 0.5 * math.log(2 * math.pi))
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, mean={self.mean}, std={self.std}"
+
+
+class ReplayBuffer(Latent):
+    """Persistent chains: start the dynamics from earlier end points instead of fresh noise.
+
+    ``draw(n)`` picks ``n`` random slots, re-initialises each with probability ``reinit_prob``
+    from the wrapped ``latent``, and returns the starting points with their slot indices; the
+    module calls ``push(x_K, indices)`` after the dynamics to write the end points back. The
+    buffer is filled from ``latent`` on first use. Its contents are saved through
+    ``get_extra_state`` (not a registered buffer, so DDP's buffer broadcast never overwrites one
+    rank's chains with another's).
+
+    A replay buffer has no density: the generator's distribution depends on the whole training
+    history, so ``log_prob`` raises.
+    """
+
+    has_density = False
+
+    def __init__(self, latent: Latent, capacity: int = 10000, reinit_prob: float = 0.05) -> None:
+        super().__init__()
+        if not isinstance(latent, Latent) or isinstance(latent, ReplayBuffer):
+            raise ValueError(
+                f"ReplayBuffer: latent must be a Uniform, Gaussian or other non-buffer Latent, got {latent!r}"
+            )
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"ReplayBuffer: capacity must be a positive integer, got {capacity!r}")
+        if not 0.0 <= reinit_prob <= 1.0:
+            raise ValueError(f"ReplayBuffer: reinit_prob must be in [0, 1], got {reinit_prob!r}")
+        self.latent = latent
+        self.shape = latent.shape
+        self.capacity = capacity
+        self.reinit_prob = float(reinit_prob)
+        self.buffer: Tensor | None = None
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Fail early when a training batch would not fit in the buffer."""
+        if batch_size > self.capacity:
+            raise ValueError(
+                f"ReplayBuffer: capacity={self.capacity} is smaller than the number of chains drawn per "
+                f"step ({batch_size}); use capacity >= {batch_size}"
+            )
+
+    def _ensure_buffer(self, generator, device, dtype) -> Tensor:
+        if self.buffer is None:
+            self.buffer = self.latent.sample(self.capacity, generator=generator, device=device, dtype=dtype)
+        elif device is not None and self.buffer.device != torch.device(device):
+            self.buffer = self.buffer.to(device)
+        return self.buffer
+
+    def draw(self, n: int, *, generator=None, device=None, dtype=None) -> tuple[Tensor, Tensor]:
+        """Starting points ``(n, *shape)`` and the slot indices to ``push`` their end points to."""
+        self._check_n(n)
+        self.check_batch_size(n)
+        buf = self._ensure_buffer(generator, device, dtype)
+        idx = torch.randperm(self.capacity, generator=generator, device=buf.device)[:n]
+        z = buf[idx].clone()
+        fresh = self.latent.sample(n, generator=generator, device=buf.device, dtype=buf.dtype)
+        reinit = torch.rand(n, generator=generator, device=buf.device) < self.reinit_prob
+        z = torch.where(reinit.view(-1, *[1] * len(self.shape)), fresh, z)
+        out_dtype = dtype if dtype is not None else buf.dtype
+        return z.to(out_dtype), idx
+
+    def sample(self, n, *, generator=None, device=None, dtype=None) -> Tensor:
+        return self.draw(n, generator=generator, device=device, dtype=dtype)[0]
+
+    @torch.no_grad()
+    def push(self, x: Tensor, indices: Tensor) -> None:
+        """Write chain end points ``x`` back to the slots they were drawn from."""
+        if self.buffer is None:
+            raise RuntimeError("ReplayBuffer.push called before draw")
+        self.buffer[indices.to(self.buffer.device)] = x.detach().to(self.buffer.device, self.buffer.dtype)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        raise ValueError(
+            "ReplayBuffer has no density: its chains start from earlier end points, so their "
+            "distribution depends on the whole training history. Use a Uniform or Gaussian latent "
+            "to compute the generator's density."
+        )
+
+    # the contents are training state: they travel in state_dict, not as a registered buffer
+    def get_extra_state(self) -> Any:
+        return {"buffer": None if self.buffer is None else self.buffer.detach().clone()}
+
+    def set_extra_state(self, state: Any) -> None:
+        buf = state.get("buffer") if isinstance(state, dict) else None
+        if buf is not None and tuple(buf.shape) != (self.capacity, *self.shape):
+            raise ValueError(
+                f"ReplayBuffer: checkpoint holds a buffer of shape {tuple(buf.shape)}, expected "
+                f"{(self.capacity, *self.shape)} (capacity, *shape)"
+            )
+        self.buffer = None if buf is None else buf.clone()
+
+    def _apply(self, fn, recurse: bool = True):
+        # follow .to(device)/.double() like a registered buffer would
+        if self.buffer is not None:
+            self.buffer = fn(self.buffer)
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return f"capacity={self.capacity}, reinit_prob={self.reinit_prob}"

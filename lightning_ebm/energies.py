@@ -42,7 +42,7 @@ class MLPEnergy(nn.Module):
         self.dim = dim
         widths = [dim] + [hidden] * num_layers
         layers: list[nn.Module] = []
-        for w_in, w_out in zip(widths[:-1], widths[1:]):
+        for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
             layers += [_maybe_sn(nn.Linear(w_in, w_out), spectral_norm), nn.SiLU()]
         layers.append(_maybe_sn(nn.Linear(widths[-1], 1), spectral_norm))
         self.net = nn.Sequential(*layers)

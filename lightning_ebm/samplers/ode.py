@@ -46,7 +46,8 @@ class ODE(Sampler):
             ``bosh3``, ``fehlberg2``, ``adaptive_heun``.
         step_size: step of the fixed-grid methods, rounded down so that ``ceil(t_end / step_size)``
             equal steps cover ``[0, t_end]``; ``None`` means 10 steps. Ignored by adaptive methods.
-        rtol, atol: tolerances of the adaptive methods.
+        rtol: relative tolerance of the adaptive methods.
+        atol: absolute tolerance of the adaptive methods.
         adjoint: use ``odeint_adjoint`` when the solve is differentiated through (the
             generator-loss option); plain sampling never keeps a graph either way.
         grad_clip: clamp every coordinate of ``grad E`` to ``[-grad_clip, grad_clip]``.

@@ -5,6 +5,7 @@ Everything here is defined at module level so that ddp_spawn can pickle it.
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -156,3 +157,43 @@ def differences(a: Any, b: Any, where: str = "") -> list[str]:
         pairs = enumerate(zip(a, b, strict=True))
         return [d for i, (x, y) in pairs for d in differences(x, y, f"{where}[{i}]")]
     return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
+
+
+class CheckRestored(L.Callback):
+    """On every rank, at the start of a resumed fit: are its chains and stream the ones saved for it?
+
+    Writes ``rank<r>.json`` to ``out_dir`` (the parent process reads them).
+    """
+
+    def __init__(self, ckpt_path: str, out_dir: str) -> None:
+        self.ckpt_path, self.out_dir = ckpt_path, out_dir
+
+    def on_train_start(self, trainer, pl_module):
+        ranks = torch.load(self.ckpt_path, weights_only=False)["lightning_ebm"]["ranks"]
+        buffer, rng = pl_module.latent.buffer, pl_module.rng.get_state()
+        result = {
+            "world_size": trainer.world_size,
+            "buffer_is_mine": torch.equal(buffer, ranks[trainer.global_rank]["replay_buffers"]["latent"]),
+            "rng_is_mine": torch.equal(rng, ranks[trainer.global_rank]["rng_state"]),
+            "buffer_is_another_ranks": any(
+                torch.equal(buffer, r["replay_buffers"]["latent"]) for i, r in enumerate(ranks)
+                if i != trainer.global_rank),
+        }
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.out_dir) / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+class DumpRankState(L.Callback):
+    """Save every rank's weights, chains and guard counter at the end of training (``rank<r>.pt``)."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module):
+        guards = [c for c in trainer.callbacks if type(c).__name__ == "DivergenceGuard"]
+        Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+        torch.save({
+            "model": {k: v.clone() for k, v in pl_module.state_dict().items() if isinstance(v, torch.Tensor)},
+            "replay_buffer": pl_module.latent.buffer.clone(),
+            "rollbacks": guards[0].rollbacks if guards else None,
+        }, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
 from .callbacks import AtomicCheckpointIO
@@ -49,11 +49,13 @@ class EBMCLI(LightningCLI):
         )
 
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
-        trainer = super().instantiate_trainer(**kwargs)
-        # Lightning's default writer, not one the user chose: make checkpoint writes crash-safe
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        return trainer
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        plugins = kwargs.get("plugins", trainer_config.get("plugins"))
+        if not isinstance(plugins, (list, tuple)):
+            plugins = [] if plugins is None else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # crash-safe unless the user chose a writer
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def sample_main(argv: list[str]) -> Path:

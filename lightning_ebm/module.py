@@ -314,7 +314,8 @@ class EBM(L.LightningModule):
         for name, buffer in self._replay_buffers():
             if buffer.buffer is None:  # not filled yet: the same on every rank (they step in lockstep)
                 continue
-            for state, chains in zip(states, self.all_gather(buffer.buffer).cpu(), strict=True):
+            chains_all = self.all_gather(buffer.buffer.to(self.device)).cpu()  # NCCL gathers device tensors
+            for state, chains in zip(states, chains_all, strict=True):
                 state["replay_buffers"][name] = chains.clone()
         return states
 

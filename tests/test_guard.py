@@ -165,6 +165,14 @@ def test_when_rollbacks_are_spent_it_stops_with_a_loadable_checkpoint(tmp_path):
     assert any(s == {"rollbacks": 2} for s in raw["callbacks"].values())
 
 
+@pytest.mark.parametrize("fault_step, caught_at", [(3, 4), (4, 7)])
+def test_checking_every_third_step_catches_a_lasting_fault_later(tmp_path, fault_step, caught_at):
+    guard = DivergenceGuard(mode="stop", check_every_n_steps=3)  # checks the steps that start at 0, 3, 6, ...
+    run = Run(tmp_path, guard, InjectFault("nan_weight", [fault_step]))
+    with pytest.raises(DivergenceError, match=f"training loss = nan is not finite at global step {caught_at} "):
+        run.fit()
+
+
 def test_fp16_overflow_that_the_gradient_scaler_skips_is_not_divergence(tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # low enough for this model never to overflow
     precision = MixedPrecision("16-mixed", "cpu", scaler=scaler)

@@ -169,7 +169,7 @@ def test_when_rollbacks_are_spent_it_stops_with_a_loadable_checkpoint(tmp_path):
 def test_checking_every_third_step_catches_a_lasting_fault_later(tmp_path, fault_step, caught_at):
     guard = DivergenceGuard(mode="stop", check_every_n_steps=3)  # checks the steps that start at 0, 3, 6, ...
     run = Run(tmp_path, guard, InjectFault("nan_weight", [fault_step]))
-    with pytest.raises(DivergenceError, match=f"training loss = nan is not finite at global step {caught_at} "):
+    with pytest.raises(DivergenceError, match=f"loss = nan is not finite at global step {caught_at} "):
         run.fit()
 
 

@@ -41,11 +41,14 @@ N = 4  # steps before the checkpoint; 2N in all (batches_per_epoch is 5: the che
 
 
 def spawn_fit(root: Path, max_steps: int, callbacks: list, ckpt_path: Path | None = None, seed: int = 0,
-              **model_kwargs) -> L.Trainer:
+              prefill: bool = False, **model_kwargs) -> L.Trainer:
     L.seed_everything(seed)
+    model = tiny_ebm(**model_kwargs)
+    if prefill:  # chains made in the parent reach the workers through shared memory
+        model.latent.draw(1)
     trainer = tiny_trainer(root, max_steps=max_steps, strategy="ddp_spawn", devices=2, val_check_interval=N,
                            callbacks=callbacks)
-    trainer.fit(tiny_ebm(**model_kwargs), tiny_data(), ckpt_path=ckpt_path, weights_only=False)
+    trainer.fit(model, tiny_data(), ckpt_path=ckpt_path, weights_only=False)
     return trainer
 
 
@@ -60,7 +63,7 @@ def checkpoint_state(path: Path) -> dict:
 def uninterrupted(tmp_path_factory, single_thread):
     root = tmp_path_factory.mktemp("ddp")
     checkpoint = ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=N, save_top_k=-1, save_last=True)
-    trainer = spawn_fit(root, 2 * N, [checkpoint])
+    trainer = spawn_fit(root, 2 * N, [checkpoint], prefill=True)
     (mid,) = (root / "ckpt").glob(f"*step={N}.ckpt")
     return root, mid, dict(trainer.callback_metrics)
 
@@ -72,7 +75,7 @@ def test_each_rank_has_its_own_chains_and_stream_and_the_checkpoint_holds_both(u
     assert len(ranks) == 2
     chains = [r["replay_buffers"]["latent"] for r in ranks]
     assert chains[0].shape == chains[1].shape == (64, 2)
-    assert not torch.equal(chains[0], chains[1])
+    assert not torch.equal(chains[0], chains[1])  # nor one tensor shared from the parent (prefill)
     assert not torch.equal(ranks[0]["rng_state"], ranks[1]["rng_state"])
     # the plain state dict carries rank 0's, for single-process loading
     assert torch.equal(raw["state_dict"]["latent._extra_state"]["buffer"], chains[0])

@@ -121,7 +121,7 @@ class DivergenceGuard(L.Callback):
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not bool(torch.isfinite(_norm([p for p in pl_module.parameters()]))):
+        if not bool(torch.isfinite(_norm(list(pl_module.parameters())))):
             raise DivergenceError(
                 f"DivergenceGuard: the parameters are not finite at the start of training (global step "
                 f"{trainer.global_step}): the checkpoint or the initialisation is broken; resume from an "

@@ -14,8 +14,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import ArgsType, LightningCLI
 
+from .callbacks import AtomicCheckpointIO
 from .module import EBM
 
 __all__ = ["EBMCLI", "main", "sample_main"]
@@ -27,7 +29,8 @@ class EBMCLI(LightningCLI):
     """LightningCLI for ``EBM`` (or subclasses) and any LightningDataModule.
 
     ``Trainer(inference_mode=False)`` is the default: the samplers need input gradients during
-    validate/test/predict, which ``torch.inference_mode`` would forbid.
+    validate/test/predict, which ``torch.inference_mode`` would forbid. Checkpoints are written
+    with ``AtomicCheckpointIO`` (crash-safe) unless the config names another checkpoint plugin.
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs) -> None:
@@ -44,6 +47,15 @@ class EBMCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def instantiate_trainer(self, **kwargs) -> L.Trainer:
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        plugins = kwargs.get("plugins", trainer_config.get("plugins"))
+        if not isinstance(plugins, (list, tuple)):
+            plugins = [] if plugins is None else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # crash-safe unless the user chose a writer
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
 
 
 def sample_main(argv: list[str]) -> Path:

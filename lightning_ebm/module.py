@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from .energies import check_energy_output
@@ -95,6 +96,7 @@ class EBM(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.rng_seed, self.val_max_samples, self.check_finite = rng_seed, val_max_samples, check_finite
         self._rng: torch.Generator | None = None
+        self._rng_rank = 0
         self._pending_rng_state: Tensor | None = None
         self._val_batches: list[Tensor] = []
         self._last_step_time: float | None = None
@@ -107,15 +109,16 @@ class EBM(L.LightningModule):
         Created on first use (in the training process, on the training device) from ``rng_seed``
         (or the global seed) and the rank; its state is saved in checkpoints and restored.
         """
-        if self._rng is None or self._rng.device != self.device:
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        # a stream made in another process (pickled to ddp_spawn workers) belongs to another rank
+        if self._rng is None or self._rng.device != self.device or self._rng_rank != rank:
             base = self.rng_seed if self.rng_seed is not None else torch.initial_seed()
-            rank = self.trainer.global_rank if self._trainer is not None else 0
             gen = torch.Generator(device=self.device)
             gen.manual_seed((int(base) * 1_000_003 + 104_729 * rank) % (2**63 - 1))
             if self._pending_rng_state is not None:
                 gen.set_state(self._pending_rng_state)
                 self._pending_rng_state = None
-            self._rng = gen
+            self._rng, self._rng_rank = gen, rank
         return self._rng
 
     @torch.no_grad()
@@ -167,6 +170,9 @@ class EBM(L.LightningModule):
         batch_size = self.num_negatives or getattr(datamodule, "batch_size", None)
         if isinstance(self.latent, ReplayBuffer) and isinstance(batch_size, int):
             self.latent.check_batch_size(batch_size)
+        if isinstance(self.latent, ReplayBuffer) and self.latent.buffer is not None:
+            # ddp_spawn hands every worker the parent's tensor in shared memory: each rank owns its chains
+            self.latent.buffer = self.latent.buffer.clone()
         self._dry_run()
 
     def _dry_run(self) -> None:
@@ -222,8 +228,8 @@ class EBM(L.LightningModule):
             x_data = x_data + self.data_noise * noise
         e_data, e_gen = self(x_data), self(x_gen)
         loss, parts = self.critic_loss(e_data, e_gen)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log_dict({f"train/{k}": v for k, v in parts.items()})
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        self.log_dict({f"train/{k}": v for k, v in parts.items()}, sync_dist=True)
         self.log("train/nfe", float(self.sampler.last_nfe))
         if self._trainer is not None and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             grad_norm = energy_grad(self.energy, x_gen).flatten(1).norm(dim=1).mean()
@@ -282,11 +288,11 @@ class EBM(L.LightningModule):
         per_rank = -(-n // world)
         gen = torch.Generator(device=self.device).manual_seed(_EVAL_SEED_OFFSET + seed + 7 * rank)
         x_gen = self.generate(per_rank, generator=gen)
-        with torch.no_grad():
-            e_gen = self(x_gen).mean()
         if world > 1:
             x_gen = self.all_gather(x_gen).flatten(0, 1)
         x_gen = x_gen[:n]
+        with torch.no_grad():
+            e_gen = self(x_gen).mean()  # over all ranks' samples, the same value on every rank
         out = {
             "energy_gen": e_gen,
             "mmd": mmd_rbf(x_gen, reference).float(),
@@ -298,8 +304,26 @@ class EBM(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------ checkpoints
+    def _replay_buffers(self) -> list[tuple[str, ReplayBuffer]]:
+        return [(name, m) for name, m in self.named_modules() if isinstance(m, ReplayBuffer)]
+
+    def _gather_rank_states(self) -> list[dict[str, Any]]:
+        """Every rank's random stream and replay-buffer chains (a collective: all ranks call it)."""
+        rng = self.all_gather(self.rng.get_state().to(self.device)).cpu()
+        states: list[dict[str, Any]] = [{"rng_state": r.clone(), "replay_buffers": {}} for r in rng]
+        for name, buffer in self._replay_buffers():
+            if buffer.buffer is None:  # not filled yet: the same on every rank (they step in lockstep)
+                continue
+            chains_all = self.all_gather(buffer.buffer.to(self.device)).cpu()  # NCCL gathers device tensors
+            for state, chains in zip(states, chains_all, strict=True):
+                state["replay_buffers"][name] = chains.clone()
+        return states
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lightning_ebm"] = {"rng_state": self.rng.get_state()}
+        if self._trainer is not None and self.trainer.world_size > 1:
+            # on_save_checkpoint runs on every rank but only rank 0 writes: gather what is per rank
+            checkpoint["lightning_ebm"]["ranks"] = self._gather_rank_states()
         hparams = checkpoint.get("hyper_parameters", {})
         if isinstance(hparams.get("latent"), ReplayBuffer):
             # the chains travel in state_dict; do not pickle a second copy with the hyper-parameters
@@ -308,7 +332,24 @@ class EBM(L.LightningModule):
             hparams["latent"] = stripped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("lightning_ebm", {}).get("rng_state")
+        extra = checkpoint.get("lightning_ebm", {})
+        state = extra.get("rng_state")
+        ranks = extra.get("ranks")
+        if ranks:  # written under DDP: take this rank's stream and chains
+            training = self._trainer is not None
+            world, rank = (self.trainer.world_size, self.trainer.global_rank) if training else (1, 0)
+            if training and len(ranks) != world:
+                rank_zero_warn(
+                    f"EBM: the checkpoint holds the state of {len(ranks)} ranks but this run has {world}; "
+                    f"rank r takes the replay buffer of rank r % {len(ranks)}, ranks >= {len(ranks)} start "
+                    "fresh random streams: this resume is not exact"
+                )
+            mine = ranks[rank % len(ranks)]
+            state = mine["rng_state"] if rank < len(ranks) else None
+            self._rng = None
+            # load_state_dict runs after this hook: swap this rank's chains into the state dict
+            for name, chains in mine["replay_buffers"].items():
+                checkpoint["state_dict"][f"{name}._extra_state"] = {"buffer": chains}
         if state is not None:
             self._pending_rng_state = state
             self._rng = None

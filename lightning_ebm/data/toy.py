@@ -108,24 +108,25 @@ def _rank() -> int:
 class ToyBatchStream:
     """An endless supply of fresh training batches, ``batches_per_epoch`` per epoch.
 
-    Each batch is drawn from a random stream seeded by ``(seed, rank)``; the stream's state and
-    position are saved by Lightning in checkpoints (the object is stateful), so a resumed run
-    sees exactly the batches the uninterrupted run would have seen. Every rank draws its own.
+    Batch number ``k`` (counted over all epochs) of rank ``r`` is drawn from its own random
+    stream seeded by ``(seed, r, k)``. The state is therefore just two counters, equal on every
+    rank: Lightning saves rank 0's copy in checkpoints (the object is stateful) and every rank
+    restores from it, so a resumed run sees exactly the batches the uninterrupted run would have
+    seen, under DDP too. Every rank draws its own batches.
     """
 
     def __init__(self, name: str, batch_size: int, batches_per_epoch: int, seed: int) -> None:
         _check_name(name)
         self.name, self.batch_size, self.batches_per_epoch, self.seed = name, batch_size, batches_per_epoch, seed
-        self._generator: torch.Generator | None = None
         self._position = 0  # batches already yielded in the current epoch
+        self._count = 0  # batches already yielded in all epochs
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
     def _stream(self) -> torch.Generator:
-        if self._generator is None:
-            self._generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * _rank() + 1)
-        return self._generator
+        seed = (self.seed * 1_000_003 + 7919 * _rank() + 1) * 1_000_000_007 + self._count
+        return torch.Generator().manual_seed(seed % (2**63 - 1))
 
     def __iter__(self) -> Iterator[Tensor]:
         if self._position >= self.batches_per_epoch:
@@ -133,15 +134,15 @@ class ToyBatchStream:
         while self._position < self.batches_per_epoch:
             batch = sample_toy(self.name, self.batch_size, generator=self._stream())
             self._position += 1
+            self._count += 1
             yield batch
         # the epoch is complete; the next __iter__ starts a new one
 
     def state_dict(self) -> dict[str, Any]:
-        return {"position": self._position, "generator": self._stream().get_state()}
+        return {"position": self._position, "count": self._count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._position = int(state["position"])
-        self._stream().set_state(state["generator"])
+        self._position, self._count = int(state["position"]), int(state["count"])
 
 
 class Toy2DDataModule(L.LightningDataModule):

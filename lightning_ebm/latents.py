@@ -162,20 +162,31 @@ class ReplayBuffer(Latent):
         return self.buffer
 
     def draw(self, n: int, *, generator=None, device=None, dtype=None) -> tuple[Tensor, Tensor]:
-        """Starting points ``(n, *shape)`` and the slot indices to ``push`` their end points to."""
+        """Starting points ``(n, *shape)`` from ``n`` distinct slots, and the slot indices to ``push`` to."""
         self._check_n(n)
         self.check_batch_size(n)
         buf = self._ensure_buffer(generator, device, dtype)
         idx = torch.randperm(self.capacity, generator=generator, device=buf.device)[:n]
+        return self._start_from(idx, generator, dtype), idx
+
+    def sample(self, n, *, generator=None, device=None, dtype=None) -> Tensor:
+        """``n`` starting points from random slots (with replacement, so any ``n``), for evaluation.
+
+        Training uses ``draw``/``push``; ``sample`` never writes to the buffer.
+        """
+        self._check_n(n)
+        buf = self._ensure_buffer(generator, device, dtype)
+        idx = torch.randint(0, self.capacity, (n,), generator=generator, device=buf.device)
+        return self._start_from(idx, generator, dtype)
+
+    def _start_from(self, idx: Tensor, generator, dtype) -> Tensor:
+        buf = self.buffer
+        n = idx.shape[0]
         z = buf[idx].clone()
         fresh = self.latent.sample(n, generator=generator, device=buf.device, dtype=buf.dtype)
         reinit = torch.rand(n, generator=generator, device=buf.device) < self.reinit_prob
         z = torch.where(reinit.view(-1, *[1] * len(self.shape)), fresh, z)
-        out_dtype = dtype if dtype is not None else buf.dtype
-        return z.to(out_dtype), idx
-
-    def sample(self, n, *, generator=None, device=None, dtype=None) -> Tensor:
-        return self.draw(n, generator=generator, device=device, dtype=dtype)[0]
+        return z.to(dtype if dtype is not None else buf.dtype)
 
     @torch.no_grad()
     def push(self, x: Tensor, indices: Tensor) -> None:

@@ -109,3 +109,14 @@ def test_replay_buffer_follows_dtype_moves():
     buffer.draw(4)
     buffer.double()
     assert buffer.buffer.dtype == torch.float64
+
+
+def test_replay_buffer_sample_serves_any_number_without_writing():
+    buffer = ReplayBuffer(Uniform((2,)), capacity=8, reinit_prob=0.0)
+    g = torch.Generator().manual_seed(0)
+    z = buffer.sample(100, generator=g)  # more than the capacity: evaluation draws with replacement
+    assert z.shape == (100, 2)
+    before = buffer.buffer.clone()
+    assert all(any(torch.equal(row, slot) for slot in before) for row in z)
+    buffer.sample(5, generator=g)
+    torch.testing.assert_close(buffer.buffer, before)

@@ -130,6 +130,8 @@ def test_unroll_errors():
         GradientDescent(K, S)(energy, z, differentiable_steps=K + 1)
     with pytest.raises(ValueError, match="integer >= 0"):
         GradientDescent(K, S)(energy, z, differentiable_steps=-1)
+    with pytest.raises(ValueError, match="not supported with differentiable_steps"):
+        ODE(1.0)(energy, z, differentiable_steps=1, return_trajectory=True)
     with torch.no_grad(), pytest.raises(RuntimeError, match="needs grad mode"):
         GradientDescent(K, S)(energy, z, differentiable_steps=1)
     with pytest.raises(ValueError, match="generator_loss_weight"):

@@ -113,6 +113,9 @@ class ODE(Sampler):
 
     def _run(self, energy, x0, generator, return_trajectory, callback, differentiable_steps=0):
         if differentiable_steps:
+            if return_trajectory or callback is not None:
+                raise ValueError("ODE: return_trajectory and callback are not supported with "
+                                 "differentiable_steps")
             return self._run_unrolled(energy, x0, differentiable_steps), None
         flow = GradientFlow(energy, self.grad_clip)
         t = self.time_grid(device=x0.device, dtype=x0.dtype)

@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from . import density
 from .energies import check_energy_output
 from .latents import Latent, ReplayBuffer
 from .metrics import mmd_rbf, sliced_wasserstein
@@ -52,6 +53,11 @@ class EBM(L.LightningModule):
             chains. The stream's state is saved in checkpoints.
         val_max_samples: cap on the held-out points used for the validation metrics.
         check_finite: raise on non-finite values in a training batch (one device sync per step).
+        generator_loss_weight: weight of the optional generator loss ``mean E_sg(G(z))``: the
+            energy of the generated samples under the critic held fixed, differentiated through
+            the last ``generator_loss_steps`` steps of the dynamics (the GAN generator
+            objective, see ``generator_loss``). ``0`` (default) trains the critic alone.
+        generator_loss_steps: how many final steps of the dynamics the generator loss unrolls.
     """
 
     def __init__(
@@ -67,6 +73,8 @@ class EBM(L.LightningModule):
         rng_seed: int | None = None,
         val_max_samples: int = 4000,
         check_finite: bool = True,
+        generator_loss_weight: float = 0.0,
+        generator_loss_steps: int = 1,
     ) -> None:
         super().__init__()
         if not isinstance(energy, nn.Module):
@@ -100,6 +108,12 @@ class EBM(L.LightningModule):
         self._pending_rng_state: Tensor | None = None
         self._val_batches: list[Tensor] = []
         self._last_step_time: float | None = None
+        gw, gk = generator_loss_weight, generator_loss_steps
+        if not isinstance(gw, (int, float)) or not math.isfinite(gw) or gw < 0:
+            raise ValueError(f"EBM: generator_loss_weight must be a finite number >= 0, got {gw!r}")
+        if not isinstance(gk, int) or isinstance(gk, bool) or gk < 1:
+            raise ValueError(f"EBM: generator_loss_steps must be a positive integer, got {gk!r}")
+        self.generator_loss_weight, self.generator_loss_steps = float(gw), gk
 
     # ------------------------------------------------------------------ generator
     @property
@@ -130,6 +144,10 @@ class EBM(L.LightningModule):
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
         batch_size: int | None = None,
+        return_log_prob: bool = False,
+        trace: str | None = None,
+        num_probes: int = 1,
+        series_terms: int = 16,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``n`` samples of the generator ``G(z)``, ``z ~ latent`` (or the given ``z``), detached.
 
@@ -139,17 +157,59 @@ class EBM(L.LightningModule):
             generator: random stream for ``z`` and any sampler noise (default: torch's global).
             return_trajectory: also return the states ``(T, n, *shape)`` of the dynamics.
             batch_size: run the dynamics in chunks of this size to bound memory.
+            return_log_prob: return ``(x, log_q)`` with the generator's log-density ``log q(x)``
+                by change of variables (``lightning_ebm.density.sample_with_log_prob``); needs a
+                deterministic sampler and a latent with a density.
+            trace: how traces / log-determinants are computed for ``return_log_prob``:
+                ``"exact"``, ``"hutchinson"``, or ``None`` (by dimension).
+            num_probes: Rademacher probes per sample for ``trace="hutchinson"``.
+            series_terms: terms of the log-det power series (Hutchinson, gradient descent).
         """
+        if return_log_prob:  # fail before drawing anything
+            density.check_density(self.sampler, self.latent)
+            if return_trajectory:
+                raise ValueError("generate: return_log_prob and return_trajectory cannot be combined")
         if z is None:
             z = self.latent.sample(n, generator=generator, device=self.device, dtype=self.dtype)
         else:
             z = z.to(self.device)
         chunks = [z] if batch_size is None else list(z.split(batch_size))
+        if return_log_prob:
+            pairs = [density.sample_with_log_prob(self.energy, self.sampler, self.latent, c, trace=trace,
+                                                  num_probes=num_probes, series_terms=series_terms,
+                                                  generator=generator) for c in chunks]
+            return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
         outs = [self.sampler(self.energy, c, generator=generator, return_trajectory=return_trajectory)
                 for c in chunks]
         if return_trajectory:
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs], dim=1)
         return torch.cat(outs)
+
+    @torch.no_grad()
+    def generator_log_prob(
+        self,
+        x: Tensor,
+        *,
+        trace: str | None = None,
+        num_probes: int = 1,
+        series_terms: int = 16,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+        tol: float | None = None,
+        max_iter: int = 500,
+    ) -> Tensor:
+        """The generator's log-density ``log q(x)`` at any points ``x`` ``(B, *shape)``, shape ``(B,)``.
+
+        Inverts the dynamics (``lightning_ebm.density.log_prob``): the ODE backwards in time,
+        gradient descent step by step by fixed-point iteration (``tol``, ``max_iter``; a step
+        that does not converge raises). ``trace``, ``num_probes``, ``series_terms`` and
+        ``generator`` (the probes' stream) as in ``generate``; ``batch_size`` bounds memory.
+        """
+        x = x.to(self.device)
+        chunks = [x] if batch_size is None else list(x.split(batch_size))
+        return torch.cat([density.log_prob(self.energy, self.sampler, self.latent, c, trace=trace,
+                                           num_probes=num_probes, series_terms=series_terms,
+                                           generator=generator, tol=tol, max_iter=max_iter) for c in chunks])
 
     def forward(self, x: Tensor) -> Tensor:
         """The energy ``E(x)``, shape ``(B,)``."""
@@ -216,11 +276,26 @@ class EBM(L.LightningModule):
         return gap + self.alpha * reg, {"energy_data": e_data.mean(), "energy_gen": e_gen.mean(),
                                         "energy_gap": gap, "energy_reg": reg}
 
+    def generator_loss(self, x_gen: Tensor) -> Tensor:
+        """``mean E(x_gen)`` with the critic's parameters held fixed (detached).
+
+        ``x_gen`` must come from the sampler with ``differentiable_steps > 0``: the gradient then
+        reaches the parameters only through the dynamics, moving the generator towards lower
+        energy under the current critic, as a GAN's generator step does.
+        """
+        frozen = {name: p.detach() for name, p in self.energy.named_parameters()}
+        return torch.func.functional_call(self.energy, frozen, (x_gen,)).mean()
+
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x_data = self._data(batch, batch_idx, "training")
         n = self.num_negatives or x_data.shape[0]
         z, slots = self._draw_latent(n, x_data)
-        x_gen = self.sampler(self.energy, z, generator=self.rng)
+        if self.generator_loss_weight > 0:  # keep the graph of the last steps for the generator loss
+            x_unrolled = self.sampler(self.energy, z, generator=self.rng,
+                                      differentiable_steps=self.generator_loss_steps)
+            x_gen = x_unrolled.detach()
+        else:
+            x_gen = self.sampler(self.energy, z, generator=self.rng)
         if slots is not None:
             self.latent.push(x_gen, slots)
         if self.data_noise > 0:
@@ -228,6 +303,9 @@ class EBM(L.LightningModule):
             x_data = x_data + self.data_noise * noise
         e_data, e_gen = self(x_data), self(x_gen)
         loss, parts = self.critic_loss(e_data, e_gen)
+        if self.generator_loss_weight > 0:
+            parts["generator_loss"] = self.generator_loss(x_unrolled)
+            loss = loss + self.generator_loss_weight * parts["generator_loss"]
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, sync_dist=True)
         self.log("train/nfe", float(self.sampler.last_nfe))

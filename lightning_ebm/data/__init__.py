@@ -1,5 +1,5 @@
 """LightningDataModules: two-dimensional toy distributions."""
 
-from .toy import TOY_DATASETS, Toy2DDataModule, sample_toy
+from .toy import TOY_DATASETS, TOY_LOG_DENSITIES, Toy2DDataModule, sample_toy, toy_log_density
 
-__all__ = ["TOY_DATASETS", "Toy2DDataModule", "sample_toy"]
+__all__ = ["TOY_DATASETS", "TOY_LOG_DENSITIES", "Toy2DDataModule", "sample_toy", "toy_log_density"]

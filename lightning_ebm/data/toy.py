@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -11,7 +12,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["TOY_DATASETS", "sample_toy", "Toy2DDataModule", "ToyBatchStream"]
+from ..density import histogram_2d, histogram_lookup
+
+__all__ = ["TOY_DATASETS", "TOY_LOG_DENSITIES", "sample_toy", "toy_log_density", "Toy2DDataModule",
+           "ToyBatchStream"]
 
 
 def _rand(n, g, *shape):
@@ -197,3 +201,60 @@ class Toy2DDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    @property
+    def exact_density(self) -> bool:
+        """Whether ``log_density`` is exact (else a fine histogram of many samples)."""
+        return self.name in TOY_LOG_DENSITIES
+
+    def log_density(self, x: Tensor) -> Tensor:
+        """The data's log-density at points ``x`` ``(N, 2)`` (see ``toy_log_density``)."""
+        return toy_log_density(self.name, x)
+
+
+def _eight_gaussians_log_density(x: Tensor) -> Tensor:
+    angle = torch.arange(8, dtype=torch.float64) * (math.pi / 4)
+    centres = 2.0 * math.sqrt(2.0) * torch.stack([angle.cos(), angle.sin()], 1)
+    var = (0.5 / math.sqrt(2.0)) ** 2
+    sq = (x[:, None, :] - centres).pow(2).sum(-1)
+    return torch.logsumexp(-sq / (2 * var), 1) - math.log(8 * 2 * math.pi * var)
+
+
+def _checkerboard_log_density(x: Tensor) -> Tensor:
+    # four 1 x 2 columns of unit squares with floor(u) + floor(v) even, on [-2, 2)^2, scaled by 2
+    cell = torch.floor(x / 2)
+    inside = ((x >= -4) & (x < 4)).all(1) & ((cell[:, 0] + cell[:, 1]) % 2 == 0)
+    return torch.full(inside.shape, -math.log(32.0), dtype=torch.float64).masked_fill(~inside, -math.inf)
+
+
+#: toy sets with a closed-form density: name -> ``log p`` of float64 points ``(N, 2)``
+TOY_LOG_DENSITIES: dict[str, Callable[[Tensor], Tensor]] = {
+    "8gaussians": _eight_gaussians_log_density,
+    "checkerboard": _checkerboard_log_density,
+}
+
+
+@functools.lru_cache(maxsize=8)
+def _toy_histogram(name: str, num_samples: int, bins: int, seed: int) -> tuple[Tensor, tuple[float, ...]]:
+    samples = sample_toy(name, num_samples, seed=seed).double()
+    lo, hi = samples.min(0).values, samples.max(0).values
+    pad = (hi - lo) * 0.01
+    bounds = (float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1]))
+    return histogram_2d(samples, bounds, bins), bounds
+
+
+def toy_log_density(name: str, x: Tensor, num_samples: int = 2_000_000, bins: int = 200,
+                    seed: int = 1) -> Tensor:
+    """Log-density of the toy distribution ``name`` at points ``x`` ``(N, 2)``, float64.
+
+    Exact for the sets in ``TOY_LOG_DENSITIES``; for the others a ``bins x bins`` histogram of
+    ``num_samples`` seeded samples over their bounding box (cached), accurate up to the bin
+    width and ``-inf`` on empty cells.
+    """
+    _check_name(name)
+    if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != 2:
+        raise ValueError(f"x must be a tensor of points (N, 2), got {getattr(x, 'shape', type(x).__name__)}")
+    if name in TOY_LOG_DENSITIES:
+        return TOY_LOG_DENSITIES[name](x.detach().double().cpu()).to(x.device)
+    table, bounds = _toy_histogram(name, num_samples, bins, seed)
+    return histogram_lookup(table, x, bounds)

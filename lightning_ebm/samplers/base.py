@@ -17,18 +17,21 @@ __all__ = ["Sampler", "energy_grad", "StepCallback"]
 StepCallback = Callable[[dict[str, Any]], None]
 
 
-def energy_grad(energy: nn.Module, x: Tensor) -> Tensor:
+def energy_grad(energy: nn.Module, x: Tensor, create_graph: bool = False) -> Tensor:
     """``grad_x E(x)`` for a batch, keeping no graph and touching no parameter gradient.
 
     ``torch.autograd.grad`` with respect to ``x`` alone leaves ``param.grad`` untouched and
     computes none of the weight gradients; grad is enabled locally so this works under
-    ``torch.no_grad`` (validation, ``generate``) too.
+    ``torch.no_grad`` (validation, ``generate``) too. With ``create_graph=True`` (unrolled
+    dynamics) the result stays differentiable in the energy's parameters and in ``x`` when
+    ``x`` already carries a graph.
     """
     with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
+        if not (create_graph and x.requires_grad):
+            x = x.detach().requires_grad_(True)
         e = energy(x)
         check_energy_output(e, x)
-        (g,) = torch.autograd.grad(e.sum(), x)
+        (g,) = torch.autograd.grad(e.sum(), x, create_graph=create_graph)
     return g
 
 
@@ -75,6 +78,7 @@ class Sampler:
         generator: torch.Generator | None = None,
         return_trajectory: bool = False,
         callback: StepCallback | None = None,
+        differentiable_steps: int = 0,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Run the dynamics from ``x0``.
 
@@ -85,9 +89,13 @@ class Sampler:
             return_trajectory: also return the states ``(T, B, *shape)`` (``x0`` first); costs
                 memory linear in ``T``.
             callback: called after every step with ``{"step", "x", ...}``.
+            differentiable_steps: keep the autograd graph through the last this many steps, so
+                that ``x_K`` is differentiable in the energy's parameters (the generator loss);
+                the state before them is detached. Needs grad mode; memory grows with it.
+                ``0`` (default): no graph at all.
 
         Returns:
-            ``x_K``, or ``(x_K, trajectory)``; both detached.
+            ``x_K``, or ``(x_K, trajectory)``; detached unless ``differentiable_steps > 0``.
         """
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
@@ -99,10 +107,22 @@ class Sampler:
             raise TypeError(f"x0 must be a floating-point tensor, got {type(x0).__name__} "
                             f"{getattr(x0, 'dtype', '')}")
         x0 = x0.clone() if x0.is_inference() else x0.detach()
-        x, trajectory = self._run(energy, x0, generator, return_trajectory, callback)
+        if differentiable_steps:
+            if not isinstance(differentiable_steps, int) or differentiable_steps < 0:
+                raise ValueError(f"{type(self).__name__}: differentiable_steps must be an integer >= 0, "
+                                 f"got {differentiable_steps!r}")
+            if not torch.is_grad_enabled():
+                raise RuntimeError(f"{type(self).__name__}: differentiable_steps={differentiable_steps} "
+                                   "needs grad mode, but it is disabled (torch.no_grad)")
+            x, trajectory = self._run(energy, x0, generator, return_trajectory, callback,
+                                      differentiable_steps=differentiable_steps)
+        else:
+            x, trajectory = self._run(energy, x0, generator, return_trajectory, callback)
         return (x, trajectory) if return_trajectory else x
 
-    def _run(self, energy, x0, generator, return_trajectory, callback) -> tuple[Tensor, Tensor | None]:
+    def _run(self, energy, x0, generator, return_trajectory, callback, differentiable_steps=0
+             ) -> tuple[Tensor, Tensor | None]:
+        """The dynamics; ``differentiable_steps`` is passed only when positive (see ``__call__``)."""
         raise NotImplementedError
 
     def _postprocess_grad(self, g: Tensor) -> Tensor:

@@ -40,12 +40,16 @@ class GradientDescent(Sampler):
     def _noise_std(self) -> float:
         return 0.0
 
-    def _run(self, energy, x0, generator, return_trajectory, callback):
+    def _run(self, energy, x0, generator, return_trajectory, callback, differentiable_steps=0):
+        if differentiable_steps > self.steps:
+            raise ValueError(f"{type(self).__name__}: differentiable_steps must be <= steps={self.steps}, "
+                             f"got {differentiable_steps}")
         x = x0
         states = [x] if return_trajectory else None
         s, noise_std = self.step_size, self._noise_std()
+        first_unrolled = self.steps - differentiable_steps
         for k in range(self.steps):
-            g = self._postprocess_grad(energy_grad(energy, x))
+            g = self._postprocess_grad(energy_grad(energy, x, create_graph=k >= first_unrolled))
             x = x - s * g
             if noise_std > 0:
                 x = x + noise_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

@@ -6,7 +6,7 @@ import math
 
 import torch
 from torch import Tensor, nn
-from torchdiffeq import odeint
+from torchdiffeq import odeint, odeint_adjoint
 
 from .base import Sampler, _check_positive, energy_grad
 
@@ -21,15 +21,16 @@ ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 class GradientFlow(nn.Module):
     """``f(t, x) = -grad E(x)``, counting evaluations."""
 
-    def __init__(self, energy: nn.Module, grad_clip: float | None = None) -> None:
+    def __init__(self, energy: nn.Module, grad_clip: float | None = None, create_graph: bool = False) -> None:
         super().__init__()
         self.energy = energy
         self.grad_clip = grad_clip
+        self.create_graph = create_graph
         self.nfe = 0
 
     def forward(self, t: Tensor, x: Tensor) -> Tensor:
         self.nfe += 1
-        g = energy_grad(self.energy, x)
+        g = energy_grad(self.energy, x, create_graph=self.create_graph)
         return -(g if self.grad_clip is None else g.clamp(-self.grad_clip, self.grad_clip))
 
 
@@ -111,7 +112,12 @@ class ODE(Sampler):
             return {"method": self.method, "options": {"grid_constructor": grid}}
         return {"method": self.method, "rtol": self.rtol, "atol": self.atol}
 
-    def _run(self, energy, x0, generator, return_trajectory, callback):
+    def _run(self, energy, x0, generator, return_trajectory, callback, differentiable_steps=0):
+        if differentiable_steps:
+            if return_trajectory or callback is not None:
+                raise ValueError("ODE: return_trajectory and callback are not supported with "
+                                 "differentiable_steps")
+            return self._run_unrolled(energy, x0, differentiable_steps), None
         flow = GradientFlow(energy, self.grad_clip)
         t = self.time_grid(device=x0.device, dtype=x0.dtype)
         if not return_trajectory and callback is None:
@@ -123,3 +129,27 @@ class ODE(Sampler):
             for k in range(1, len(t)):
                 callback({"step": k, "x": states[k], "t": float(t[k])})
         return states[-1], (states if return_trajectory else None)
+
+    def _run_unrolled(self, energy, x0, k):
+        """Solve without a graph up to the last ``k`` steps of the time grid, then with one.
+
+        Adaptive methods have the one-step grid ``[0, t_end]``: the whole solve is unrolled.
+        """
+        t = self.time_grid(device=x0.device, dtype=x0.dtype)
+        n = len(t) - 1
+        if k > n:
+            raise ValueError(f"ODE: differentiable_steps must be <= the {n} step(s) of the time grid "
+                             f"(method={self.method!r}), got {k}")
+        # step exactly on the given grid points (a fixed-grid method); adaptive methods ignore this
+        opts = ({"method": self.method, "options": {"grid_constructor": lambda f, y0, tt: tt}}
+                if self.fixed_grid else self.solver_options())
+        flow = GradientFlow(energy, self.grad_clip)
+        x = x0
+        if n > k:
+            with torch.no_grad():
+                x = odeint(flow, x0, t[: n - k + 1], **opts)[-1]
+        unrolled = GradientFlow(energy, self.grad_clip, create_graph=True)
+        solve = odeint_adjoint if self.adjoint else odeint
+        x = solve(unrolled, x, t[n - k :], **opts)[-1]
+        self.last_nfe = flow.nfe + unrolled.nfe
+        return x

@@ -2,6 +2,7 @@
 
     python experiments/run.py noise      # GradientDescent vs Langevin at several noise levels, 3 seeds
     python experiments/run.py ode        # GradientDescent vs ODE (rk4, dopri5) at equal gradient budgets
+    python experiments/run.py density    # data | generator q | exp(-E)/Z on three toy sets (first seed)
     python experiments/run.py all
 
 Every training run is a `lightning-ebm fit` command (printed before it runs) on a shipped config
@@ -127,6 +128,42 @@ def ode_runs(seeds: list[int]) -> list[Run]:
             for name, overrides in variants.items() for seed in seeds]
 
 
+DENSITY_DATASETS = ("8gaussians", "checkerboard", "rings")
+
+
+def density_runs(seeds: list[int], datasets: tuple[str, ...] = DENSITY_DATASETS, ode: bool = False,
+                 config: str = "configs/toy2d_density.yaml") -> list[Run]:
+    """configs/toy2d_density.yaml (and the ODE variant) on several toy sets: data | q | exp(-E)/Z."""
+    configs = {"gd": config}
+    if ode:
+        configs["ode"] = "configs/toy2d_density_ode.yaml"
+    return [Run("density", f"{data}_{sampler}_seed{seed}", config,
+                [f"--seed_everything={seed}", f"--data.init_args.name={data}"],
+                {"dataset": data, "sampler": sampler, "seed": seed})
+            for data in datasets for sampler, config in configs.items() for seed in seeds]
+
+
+def summarise_density(results: list[dict], out: Path) -> None:
+    """One row per run: the three KLs and TVs of the final density panel, and the generator's mass."""
+    keys = ["kl_data_gen", "kl_data_ebm", "kl_gen_ebm", "tv_data_gen", "tv_data_ebm", "mass_gen"]
+    with open(out / "runs.csv", "w", newline="") as f:
+        fields = list(dict.fromkeys(k for r in results for k in r))
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(results)
+    lines = ["| dataset | sampler | seed | KL(data‖q) | KL(data‖EBM) | KL(q‖EBM) | TV(data,q) | TV(data,EBM) "
+             "| ∫q on grid | MMD (floor) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        cells = " | ".join(f"{r.get(f'density/{k}', float('nan')):.3f}" for k in keys)
+        lines.append(f"| {r['dataset']} | {r['sampler']} | {r['seed']} | {cells} "
+                     f"| {r['val/mmd']:.4f} ({r['val/mmd_floor']:.4f}) |")
+        figure = sorted((out / r["name"] / "run" / "version_0" / "images").glob("density_2d_step*.png"))
+        if figure:
+            (out / f"{r['name']}_density.png").write_bytes(figure[-1].read_bytes())
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 # ------------------------------------------------------------------ summaries
 METRICS = ("val/mmd", "val/sw", "val/mmd_floor", "val/sw_floor", "train/nfe", "wall_s")
 
@@ -191,11 +228,16 @@ def plot_noise(rows: list[dict], out: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     global RESULTS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["noise", "ode", "all"])
+    parser.add_argument("experiment", choices=["noise", "ode", "density", "all"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--noise_levels", type=float, nargs="+", default=list(NOISE_2D),
                         help="Langevin noise_std values of the noise ablation (0 = GradientDescent)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings run at once")
+    parser.add_argument("--datasets", nargs="+", default=list(DENSITY_DATASETS),
+                        help="toy sets of the density comparison")
+    parser.add_argument("--density_ode", action="store_true", help="also run the ODE generator in 'density'")
+    parser.add_argument("--density_config", default="configs/toy2d_density.yaml",
+                        help="config of the gradient-descent runs of 'density'")
     parser.add_argument("--out", type=Path, default=None, help="results directory (default experiments/results)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="overrides appended to every run (e.g. --trainer.max_steps=100)")
@@ -213,6 +255,11 @@ def main(argv: list[str] | None = None) -> None:
         for run in runs:
             run.overrides += args.extra
         summarise(execute_all(runs, args.jobs), "sampler", RESULTS / "ode")
+    if args.experiment in ("density", "all"):
+        runs = density_runs(args.seeds[:1], tuple(args.datasets), args.density_ode, args.density_config)
+        for run in runs:
+            run.overrides += args.extra
+        summarise_density(execute_all(runs, args.jobs), RESULTS / "density")
     print(f"total wall time {time.perf_counter() - start:.0f} s")
 
 

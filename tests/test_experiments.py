@@ -10,6 +10,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 
 import run as driver  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
 TINY = ["--trainer.max_steps=4", "--trainer.val_check_interval=2", "--data.init_args.batches_per_epoch=4",
         "--data.init_args.num_val=64", "--model.init_args.sampler.init_args.steps=3"]
 
@@ -31,3 +33,20 @@ def test_noise_ablation_driver_writes_results_and_resumes(tmp_path, capsys):
     driver.main(args)  # everything is done: nothing runs again
     assert "$ -m lightning_ebm.cli" not in capsys.readouterr().out
     assert stamps == {p: p.stat().st_mtime for p in out.glob("*/result.json")}
+
+
+def test_density_comparison_driver_reports_the_three_kls(tmp_path, capsys):
+    config = (ROOT / "configs" / "toy2d_density.yaml").read_text()
+    config = config.replace("every_n_steps: 600", "every_n_steps: 4").replace("grid_size: 100", "grid_size: 30")
+    config = config.replace("num_samples: 1000", "num_samples: 50")
+    (tmp_path / "tiny_density.yaml").write_text(config)
+    args = ["density", "--seeds", "0", "--datasets", "checkerboard", "--jobs", "1", "--out", str(tmp_path),
+            "--density_config", str(tmp_path / "tiny_density.yaml"), "--extra", *TINY]
+    driver.main(args)
+    table = (tmp_path / "density" / "table.md").read_text().splitlines()
+    assert table[0].startswith("| dataset | sampler | seed | KL(data‖q)")
+    cells = [c.strip() for c in table[2].split("|")[1:-1]]
+    assert cells[:3] == ["checkerboard", "gd", "0"]
+    kls = [float(c) for c in cells[3:6]]
+    assert all(k >= 0 and k == k for k in kls)  # KLs are non-negative numbers, not NaN
+    assert (tmp_path / "density" / "checkerboard_gd_seed0_density.png").is_file()

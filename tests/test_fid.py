@@ -74,15 +74,28 @@ def inception_score(logits: np.ndarray) -> float:
 
 
 def tiny_model() -> EBM:
-    return EBM(ConvEnergy(in_channels=1, width=2, image_size=8), GradientDescent(steps=2, step_size=0.5),
-               Uniform((1, 8, 8)))
+    return EBM(
+        ConvEnergy(in_channels=1, width=2, image_size=8),
+        GradientDescent(steps=2, step_size=0.5),
+        Uniform((1, 8, 8)),
+    )
 
 
 def trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
-    defaults = dict(max_steps=1, val_check_interval=1, check_val_every_n_epoch=None, limit_val_batches=2,
-                    num_sanity_val_steps=1, logger=CSVLogger(tmp_path), inference_mode=False, accelerator="cpu",
-                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                    default_root_dir=tmp_path)
+    defaults = dict(
+        max_steps=1,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        limit_val_batches=2,
+        num_sanity_val_steps=1,
+        logger=CSVLogger(tmp_path),
+        inference_mode=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
     return L.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
 
 
@@ -90,14 +103,24 @@ def trainer(tmp_path, callbacks, **kwargs) -> L.Trainer:
 def test_fid_kid_is_equal_float64_references(tmp_path):
     torch.manual_seed(0)
     recorder = Recorder()
-    callback = FIDCallback(recorder, num_samples=64, batch_size=20, kid=True, kid_subset_size=64, kid_subsets=1,
-                           inception_score=True, is_splits=1)
+    callback = FIDCallback(
+        recorder,
+        num_samples=64,
+        batch_size=20,
+        kid=True,
+        kid_subset_size=64,
+        kid_subsets=1,
+        inception_score=True,
+        is_splits=1,
+    )
     dm = DigitsDataModule(batch_size=32)
     trainer(tmp_path, [callback]).fit(tiny_model(), dm)
     seen = recorder.seen
     assert callback.num_real == 64
     real, fake = torch.cat(seen[:2]), torch.cat(seen[2:])
-    torch.testing.assert_close(real, dm.val_data[:64])  # the first two validation batches, not the sanity check
+    torch.testing.assert_close(
+        real, dm.val_data[:64]
+    )  # the first two validation batches, not the sanity check
     assert fake.shape == (64, 1, 8, 8) and [len(s) for s in seen[2:]] == [20, 20, 20, 4]
     fr, ff = features(real), features(fake)
     assert callback.last["fid"] == pytest.approx(frechet(fr, ff), rel=1e-5)
@@ -115,8 +138,13 @@ def test_real_statistics_once_fixed_latents_and_no_checkpoint_bloat(tmp_path):
     recorder = Recorder()
     callback = FIDCallback(recorder, num_samples=16, batch_size=16, every_n_validations=1)
     model = tiny_model()
-    t = trainer(tmp_path, [callback, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
-                max_steps=3, enable_checkpointing=True, limit_val_batches=1)
+    t = trainer(
+        tmp_path,
+        [callback, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+        max_steps=3,
+        enable_checkpointing=True,
+        limit_val_batches=1,
+    )
     t.fit(model, DigitsDataModule(batch_size=32))
     sizes = [len(s) for s in recorder.seen]
     assert sizes == [32, 16, 16, 16]  # real once (first validation), then 16 generated per validation
@@ -128,7 +156,9 @@ def test_real_statistics_once_fixed_latents_and_no_checkpoint_bloat(tmp_path):
     fixed = FIDCallback(Recorder(), num_samples=8, batch_size=8)
     frozen = tiny_model()
     frozen.configure_optimizers = lambda: torch.optim.SGD(frozen.parameters(), lr=0.0)
-    trainer(tmp_path / "b", [fixed], max_steps=2, limit_val_batches=1).fit(frozen, DigitsDataModule(batch_size=8))
+    trainer(tmp_path / "b", [fixed], max_steps=2, limit_val_batches=1).fit(
+        frozen, DigitsDataModule(batch_size=8)
+    )
     torch.testing.assert_close(fixed.feature.seen[-1], fixed.feature.seen[-2])
 
 
@@ -183,7 +213,9 @@ def test_inception_from_a_local_weights_file(tmp_path, monkeypatch):
     path = tmp_path / "inception.pth"
     torch.save(random_net.state_dict(), path)
 
-    monkeypatch.setattr(fidelity, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download"))
+    monkeypatch.setattr(
+        fidelity, "load_state_dict_from_url", lambda *a, **k: pytest.fail("tried to download")
+    )
     extractor = InceptionFeatures(weights_path=str(path))
     grey = torch.rand(2, 1, 16, 16) * 2 - 1
     f = extractor(grey)
@@ -201,7 +233,9 @@ def test_statistics_are_summed_over_ranks(tmp_path):
     seen_dir = tmp_path / "seen"
     seen_dir.mkdir()
     callback = FIDCallback(Recorder(str(seen_dir)), num_samples=30, batch_size=15)
-    t = trainer(tmp_path, [callback], strategy="ddp_spawn", devices=2, limit_val_batches=2, num_sanity_val_steps=0)
+    t = trainer(
+        tmp_path, [callback], strategy="ddp_spawn", devices=2, limit_val_batches=2, num_sanity_val_steps=0
+    )
     t.fit(tiny_model(), DigitsDataModule(batch_size=16))
     logged = float(t.callback_metrics["val/fid"])
     per_rank = {r: [torch.load(p) for p in sorted(seen_dir.glob(f"rank{r}_*.pt"))] for r in (0, 1)}

@@ -24,14 +24,26 @@ from lightning_ebm.samplers import GradientDescent
 
 def tiny_model(latent=None) -> EBM:
     torch.manual_seed(0)
-    return EBM(ConvEnergy(in_channels=1, width=2, image_size=8, activation="silu"),
-               GradientDescent(steps=3, step_size=0.5), latent or Uniform((1, 8, 8)))
+    return EBM(
+        ConvEnergy(in_channels=1, width=2, image_size=8, activation="silu"),
+        GradientDescent(steps=3, step_size=0.5),
+        latent or Uniform((1, 8, 8)),
+    )
 
 
 def fit(tmp_path, model, callbacks, **kwargs) -> L.Trainer:
-    defaults = dict(max_steps=4, limit_val_batches=1, num_sanity_val_steps=0, logger=CSVLogger(tmp_path),
-                    inference_mode=False, accelerator="cpu", enable_progress_bar=False,
-                    enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=1)
+    defaults = dict(
+        max_steps=4,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=CSVLogger(tmp_path),
+        inference_mode=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+    )
     trainer = L.Trainer(callbacks=callbacks, **{**defaults, **kwargs})
     trainer.fit(model, DigitsDataModule(batch_size=16))
     return trainer
@@ -112,13 +124,19 @@ def ema_reference(raw: list[torch.Tensor], decay: float) -> list[torch.Tensor]:
 def test_ema_is_used_for_validation_sampling_and_checkpoints(tmp_path):
     decay = 0.6
     latent = ReplayBuffer(Uniform((1, 8, 8)), capacity=32, reinit_prob=0.1)
-    model = ModuleRecordingValidation(ConvEnergy(1, 2, 8, activation="silu"), GradientDescent(steps=3, step_size=0.5),
-                                      latent)
+    model = ModuleRecordingValidation(
+        ConvEnergy(1, 2, 8, activation="silu"), GradientDescent(steps=3, step_size=0.5), latent
+    )
     record, val_after = RecordWeights(), RecordValidation()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     # the validation recorder sits after EMA: Lightning's own callback would have swapped back already
-    trainer = fit(tmp_path, model, [EMA(decay=decay), record, val_after, ckpt], val_check_interval=4,
-                  enable_checkpointing=True)
+    trainer = fit(
+        tmp_path,
+        model,
+        [EMA(decay=decay), record, val_after, ckpt],
+        val_check_interval=4,
+        enable_checkpointing=True,
+    )
     reference = ema_reference(record.raw, decay)
     assert len(reference) == 4
     for inside, after, ref, raw in zip(record.inside, record.after, reference, record.raw, strict=True):
@@ -139,12 +157,25 @@ def test_ema_is_used_for_validation_sampling_and_checkpoints(tmp_path):
 
     # resuming continues both the raw weights and the average
     record2 = RecordWeights()
-    model2 = ModuleRecordingValidation(ConvEnergy(1, 2, 8, activation="silu"),
-                                       GradientDescent(steps=3, step_size=0.5), ReplayBuffer(Uniform((1, 8, 8)), 32))
-    L.Trainer(max_steps=5, limit_val_batches=0, num_sanity_val_steps=0, logger=False, inference_mode=False,
-              accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-              callbacks=[EMA(decay=decay), record2]).fit(model2, DigitsDataModule(batch_size=16),
-                                                            ckpt_path=tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    model2 = ModuleRecordingValidation(
+        ConvEnergy(1, 2, 8, activation="silu"),
+        GradientDescent(steps=3, step_size=0.5),
+        ReplayBuffer(Uniform((1, 8, 8)), 32),
+    )
+    L.Trainer(
+        max_steps=5,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        inference_mode=False,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[EMA(decay=decay), record2],
+    ).fit(
+        model2, DigitsDataModule(batch_size=16), ckpt_path=tmp_path / "ckpt" / "last.ckpt", weights_only=False
+    )
     assert len(record2.raw) == 1
     close(record2.inside[0], decay * reference[-1] + (1 - decay) * record2.raw[0].double())
 

@@ -70,9 +70,14 @@ def test_datamodule_batches_and_held_out_part():
     torch.testing.assert_close(dm.val_data, val)
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [({"image_size": 4}, "image_size must be an integer >= 8"),
-                                               ({"resize_mode": "crop"}, "resize_mode must be one of"),
-                                               ({"batch_size": 0}, "batch_size must be a positive integer")])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"image_size": 4}, "image_size must be an integer >= 8"),
+        ({"resize_mode": "crop"}, "resize_mode must be one of"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ],
+)
 def test_datamodule_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DigitsDataModule(**kwargs)

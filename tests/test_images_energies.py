@@ -71,7 +71,9 @@ def test_energies_work_under_the_samplers_and_need_matching_inputs():
     energy = ConvEnergy(in_channels=1, width=4, image_size=8, activation="silu")
     x = GradientDescent(steps=3, step_size=0.1)(energy, torch.rand(4, 1, 8, 8))
     assert x.shape == (4, 1, 8, 8) and all(p.grad is None for p in energy.parameters())
-    with pytest.raises(ValueError, match=r"ConvEnergy expects images of shape \(B, 1, 8, 8\), got \(4, 1, 16, 16\)"):
+    with pytest.raises(
+        ValueError, match=r"ConvEnergy expects images of shape \(B, 1, 8, 8\), got \(4, 1, 16, 16\)"
+    ):
         energy(torch.rand(4, 1, 16, 16))
     with pytest.raises(ValueError, match="ResNetEnergy expects images"):
         ResNetEnergy(in_channels=3, width=4)(torch.rand(2, 1, 8, 8))
@@ -79,8 +81,11 @@ def test_energies_work_under_the_samplers_and_need_matching_inputs():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"width": 0}, "width must be a positive integer"), ({"image_size": 2}, "image_size must be"),
-     ({"activation": "relu"}, "activation must be one of")],
+    [
+        ({"width": 0}, "width must be a positive integer"),
+        ({"image_size": 2}, "image_size must be"),
+        ({"activation": "relu"}, "activation must be one of"),
+    ],
 )
 def test_conv_energy_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -60,7 +60,10 @@ def write_svhn(root, n: int = 12) -> np.ndarray:
     images = _pixels(n, 3, 32, 32)
     for split in ("train", "test"):
         # SVHN's .mat layout: X is (32, 32, 3, N), y is (N, 1) with label 10 for the digit 0
-        savemat(root / f"{split}_32x32.mat", {"X": images.transpose(2, 3, 1, 0), "y": (np.arange(n) % 10 + 1)[:, None]})
+        savemat(
+            root / f"{split}_32x32.mat",
+            {"X": images.transpose(2, 3, 1, 0), "y": (np.arange(n) % 10 + 1)[:, None]},
+        )
     return images
 
 
@@ -73,15 +76,24 @@ def write_celeba(root, n: int = 6) -> None:
     for i, name in enumerate(names):  # flat colours survive JPEG compression
         Image.new("RGB", (178, 218), (40 * i, 255 - 40 * i, 128)).save(folder / "img_align_celeba" / name)
     partition = [0] * (n - 2) + [1, 2]
-    (folder / "list_eval_partition.txt").write_text("".join(f"{a} {p}\n" for a, p in zip(names, partition)))
+    (folder / "list_eval_partition.txt").write_text(
+        "".join(f"{a} {p}\n" for a, p in zip(names, partition, strict=True))
+    )
     (folder / "identity_CelebA.txt").write_text("".join(f"{a} {i}\n" for i, a in enumerate(names)))
     bbox = "image_id x_1 y_1 width height"
     (folder / "list_bbox_celeba.txt").write_text(f"{n}\n{bbox}\n" + "".join(f"{a} 1 2 3 4\n" for a in names))
-    marks = "lefteye_x lefteye_y righteye_x righteye_y nose_x nose_y leftmouth_x leftmouth_y rightmouth_x rightmouth_y"
+    marks = " ".join(
+        f"{part}_{axis}"
+        for part in ("lefteye", "righteye", "nose", "leftmouth", "rightmouth")
+        for axis in "xy"
+    )
     (folder / "list_landmarks_align_celeba.txt").write_text(
-        f"{n}\n{marks}\n" + "".join(f"{a}" + " 1" * 10 + "\n" for a in names))
+        f"{n}\n{marks}\n" + "".join(f"{a}" + " 1" * 10 + "\n" for a in names)
+    )
     attrs = " ".join(f"attr{k}" for k in range(40))
-    (folder / "list_attr_celeba.txt").write_text(f"{n}\n{attrs}\n" + "".join(f"{a}" + " -1 1" * 20 + "\n" for a in names))
+    (folder / "list_attr_celeba.txt").write_text(
+        f"{n}\n{attrs}\n" + "".join(f"{a}" + " -1 1" * 20 + "\n" for a in names)
+    )
 
 
 @pytest.fixture
@@ -102,7 +114,12 @@ def test_mnist_family_from_idx_files(tmp_path, name, folder):
     assert dm.sample_shape == (1, 28, 28)
     dm.setup("fit")
     train, val = _all(dm.train_dataloader()), _all(dm.val_dataloader())
-    assert train.shape == (12, 1, 28, 28) and val.shape == (5, 1, 28, 28)  # 15 of 20 train (drop_last), 5 held out
+    assert train.shape == (12, 1, 28, 28) and val.shape == (
+        5,
+        1,
+        28,
+        28,
+    )  # 15 of 20 train (drop_last), 5 held out
     expected = torch.from_numpy(images).float() / 255 * 2 - 1
     perm = torch.randperm(20, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(val[:, 0], expected[perm[:5]])  # the seeded split, scaled to [-1, 1]
@@ -134,8 +151,9 @@ def test_svhn_from_mat_files(tmp_path, no_md5):
 
 def test_celeba_from_its_folder_layout(tmp_path, no_md5):
     write_celeba(tmp_path)
-    dm = VisionDataModule(name="celeba", root=str(tmp_path), batch_size=2, val_fraction=0.25,
-                          center_crop=140, image_size=32)
+    dm = VisionDataModule(
+        name="celeba", root=str(tmp_path), batch_size=2, val_fraction=0.25, center_crop=140, image_size=32
+    )
     assert dm.sample_shape == (3, 32, 32)
     dm.setup("fit")
     val = _all(dm.val_dataloader())
@@ -155,18 +173,21 @@ def test_dequantisation_stays_inside_each_grey_level(tmp_path):
     levels = (x + 1) / 2 * 256  # (v + u) with u in [0, 1)
     perm = torch.randperm(20, generator=torch.Generator().manual_seed(0))
     v = torch.from_numpy(images[perm[1:].numpy()]).float()
-    order = torch.argsort(levels.flatten(1).sum(1))  # shuffled: match samples by content
-    matched = v[torch.argsort(v.flatten(1).sum(1))]
-    d = levels[order, 0] - matched
+    matched = v[torch.cdist(levels.flatten(1), v.flatten(1)).argmin(1)]  # shuffled: match by content
+    assert len(set(torch.cdist(levels.flatten(1), v.flatten(1)).argmin(1).tolist())) == len(v)
+    d = levels[:, 0] - matched
     assert (d > -1e-4).all() and (d < 1 + 1e-4).all() and d.std() > 0.2  # u spread over [0, 1)
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("mnist", "MNIST/raw/ holding train-images-idx3-ubyte"),
-    ("cifar10", "cifar-10-batches-py/ holding data_batch_1..5"),
-    ("svhn", "train_32x32.mat"),
-    ("celeba", "celeba/ holding img_align_celeba/"),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("mnist", "MNIST/raw/ holding train-images-idx3-ubyte"),
+        ("cifar10", "cifar-10-batches-py/ holding data_batch_1..5"),
+        ("svhn", "train_32x32.mat"),
+        ("celeba", "celeba/ holding img_align_celeba/"),
+    ],
+)
 def test_missing_data_says_what_to_place_where(tmp_path, name, expected):
     dm = VisionDataModule(name=name, root=str(tmp_path / "nowhere"), image_size=32)
     with pytest.raises(FileNotFoundError, match=expected) as info:

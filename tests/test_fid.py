@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_ebm import EBM
 from lightning_ebm.callbacks import FIDCallback
+from lightning_ebm.callbacks.fid import fid_score
 from lightning_ebm.data import DigitsDataModule
 from lightning_ebm.energies import ConvEnergy
 from lightning_ebm.latents import Uniform
@@ -245,3 +246,12 @@ def test_statistics_are_summed_over_ranks(tmp_path):
     assert logged == pytest.approx(frechet(features(real), features(fake)), rel=1e-5)
     half = frechet(features(torch.cat(per_rank[0][:2])), features(per_rank[0][2]))
     assert abs(logged - half) > 1e-3  # not one rank's own value
+
+
+def test_fid_score_of_two_image_sets():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(40, 1, 8, 8, generator=g) * 2 - 1, torch.rand(30, 1, 8, 8, generator=g)
+    assert fid_score(a, b, Recorder(), batch_size=16) == pytest.approx(
+        frechet(features(a), features(b)), rel=1e-5
+    )
+    assert fid_score(a, a, Recorder()) == pytest.approx(0.0, abs=1e-6)

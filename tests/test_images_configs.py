@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,12 @@ IMAGE_CONFIGS = [
     "cifar10_langevin.yaml",
     "celeba.yaml",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    """The CLI is called with ``args``; pytest's own command line must not look like CLI input."""
+    monkeypatch.setattr(sys, "argv", ["lightning-ebm"])
 
 
 def print_config(path: Path) -> dict:

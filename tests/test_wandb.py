@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import struct
+import sys
 import time
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from lightning_ebm.cli import main
 wandb = pytest.importorskip("wandb")
 from test_images_configs import CONFIGS, shrink  # noqa: E402
 from wandb.proto import wandb_internal_pb2  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    """The CLI is called with ``args``; pytest's own command line must not look like CLI input."""
+    monkeypatch.setattr(sys, "argv", ["lightning-ebm"])
 
 
 @pytest.fixture

@@ -14,8 +14,10 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import yaml
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.cli import ArgsType, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from .callbacks import AtomicCheckpointIO
 from .module import EBM
@@ -23,6 +25,17 @@ from .module import EBM
 __all__ = ["EBMCLI", "main", "sample_main"]
 
 SAMPLE_FORMATS = (".pt", ".npz", ".png")
+
+
+class SaveConfigToLoggers(SaveConfigCallback):
+    """Save ``config.yaml`` in the run directory and put the resolved config in every W&B run
+    (Lightning itself sends W&B only the module's hyper-parameters)."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                config = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
+                logger.experiment.config.update(config, allow_val_change=True)
 
 
 class EBMCLI(LightningCLI):
@@ -35,6 +48,7 @@ class EBMCLI(LightningCLI):
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs) -> None:
         trainer_defaults = {"inference_mode": False, **kwargs.pop("trainer_defaults", {})}
+        kwargs.setdefault("save_config_callback", SaveConfigToLoggers)
         super().__init__(
             EBM,
             L.LightningDataModule,

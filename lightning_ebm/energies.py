@@ -56,3 +56,140 @@ class MLPEnergy(nn.Module):
 
 def _maybe_sn(layer: nn.Module, enabled: bool) -> nn.Module:
     return torch.nn.utils.parametrizations.spectral_norm(layer) if enabled else layer
+
+
+# ---------------------------------------------------------------------------------------- images
+__all__ += ["ConvEnergy", "ResNetEnergy"]
+_ACTIVATIONS = ("leaky_relu", "silu")
+
+
+def _activation(name: str, negative_slope: float) -> nn.Module:
+    if name == "leaky_relu":
+        return nn.LeakyReLU(negative_slope)
+    if name == "silu":
+        return nn.SiLU()
+    raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {name!r}")
+
+
+def _image_size(image_size: int | tuple[int, int], owner: str) -> tuple[int, int]:
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if len(size) != 2 or not all(isinstance(s, int) and s >= 4 for s in size):
+        raise ValueError(f"{owner}: image_size must be an integer >= 4 or a pair (H, W) of them, got "
+                         f"{image_size!r}")
+    return size  # type: ignore[return-value]
+
+
+def _check_image_input(owner: str, x: Tensor, channels: int, size: tuple[int, int] | None) -> None:
+    if x.ndim != 4 or x.shape[1] != channels or (size is not None and tuple(x.shape[2:]) != size):
+        want = f"(B, {channels}, {size[0]}, {size[1]})" if size is not None else f"(B, {channels}, H, W)"
+        raise ValueError(f"{owner} expects images of shape {want}, got {tuple(x.shape)}")
+
+
+class ConvEnergy(nn.Module):
+    """The short-run EBM ConvNet (Nijkamp et al., 2019): ``(B, C, H, W) -> (B,)``.
+
+    A 3x3 convolution to ``width`` channels, then 4x4 stride-2 convolutions with widths
+    ``2n, 4n, 8n`` (then ``8n`` again) while the feature map is at least 8 pixels on a side,
+    each followed by LeakyReLU(0.2), and a final convolution whose kernel covers the remaining
+    map (4x4 for power-of-two sizes, as in the paper; 7x7 for 28x28) to one scalar.
+
+    Args:
+        in_channels: image channels (1 for digits and MNIST, 3 for CIFAR-10, SVHN, CelebA).
+        width: ``n``, the channels of the first convolution.
+        image_size: side of the (square) images, or ``(H, W)``.
+        spectral_norm: spectral normalisation on every convolution.
+        activation: ``"leaky_relu"`` (the paper's) or ``"silu"``. A piecewise-linear network has
+            zero input Hessian almost everywhere, so pick ``"silu"`` when the generator's
+            density (``lightning_ebm.density``) matters.
+        negative_slope: the LeakyReLU slope.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        width: int = 64,
+        image_size: int | tuple[int, int] = 32,
+        spectral_norm: bool = False,
+        activation: str = "leaky_relu",
+        negative_slope: float = 0.2,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("width", width)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ConvEnergy: {name} must be a positive integer, got {value!r}")
+        self.in_channels, self.image_size = in_channels, _image_size(image_size, "ConvEnergy")
+        act = lambda: _activation(activation, negative_slope)  # noqa: E731
+        layers: list[nn.Module] = [_maybe_sn(nn.Conv2d(in_channels, width, 3, 1, 1), spectral_norm), act()]
+        (h, w), channels, i = self.image_size, width, 0
+        while min(h, w) >= 8:
+            out = width * 2 ** min(i + 1, 3)
+            layers += [_maybe_sn(nn.Conv2d(channels, out, 4, 2, 1), spectral_norm), act()]
+            h, w, channels, i = h // 2, w // 2, out, i + 1
+        layers.append(_maybe_sn(nn.Conv2d(channels, 1, (h, w), 1, 0), spectral_norm))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_image_input("ConvEnergy", x, self.in_channels, self.image_size)
+        return self.net(x).flatten(1).squeeze(1)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, spectral_norm: bool, act: nn.Module) -> None:
+        super().__init__()
+        self.conv1 = _maybe_sn(nn.Conv2d(c_in, c_out, 3, 1, 1), spectral_norm)
+        self.conv2 = _maybe_sn(nn.Conv2d(c_out, c_out, 3, 1, 1), spectral_norm)
+        self.skip = _maybe_sn(nn.Conv2d(c_in, c_out, 1), spectral_norm) if c_in != c_out else nn.Identity()
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.skip(x) + self.conv2(self.act(self.conv1(self.act(x))))
+        return nn.functional.avg_pool2d(out, 2) if min(out.shape[-2:]) >= 8 else out
+
+
+class ResNetEnergy(nn.Module):
+    """A small residual energy in the style of IGEBM (Du & Mordatch, 2019): ``(B, C, H, W) -> (B,)``.
+
+    A 3x3 convolution to ``width`` channels, ``num_blocks`` residual blocks (two 3x3
+    convolutions and a skip connection each; channels double, up to ``8 * width``, and the map is
+    average-pooled by 2 while it is at least 8 pixels on a side), then the activation, a global
+    sum over positions and a linear layer to one scalar. Smooth (SiLU, the IGEBM "swish") by
+    default; spectral normalisation on every layer by default, as in IGEBM.
+
+    Args:
+        in_channels: image channels.
+        width: channels after the first convolution.
+        num_blocks: residual blocks.
+        spectral_norm: spectral normalisation on every convolution and the final linear layer.
+        activation: ``"silu"`` or ``"leaky_relu"``.
+        negative_slope: the LeakyReLU slope.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        width: int = 64,
+        num_blocks: int = 3,
+        spectral_norm: bool = True,
+        activation: str = "silu",
+        negative_slope: float = 0.2,
+    ) -> None:
+        super().__init__()
+        for name, value in (("in_channels", in_channels), ("width", width), ("num_blocks", num_blocks)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ResNetEnergy: {name} must be a positive integer, got {value!r}")
+        self.in_channels = in_channels
+        self.act = _activation(activation, negative_slope)
+        self.conv_in = _maybe_sn(nn.Conv2d(in_channels, width, 3, 1, 1), spectral_norm)
+        channels = [width * 2 ** min(i, 3) for i in range(num_blocks + 1)]
+        self.blocks = nn.ModuleList(
+            _ResBlock(c_in, c_out, spectral_norm, self.act)
+            for c_in, c_out in zip(channels[:-1], channels[1:], strict=True)
+        )
+        self.head = _maybe_sn(nn.Linear(channels[-1], 1), spectral_norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_image_input("ResNetEnergy", x, self.in_channels, None)
+        h = self.conv_in(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.act(h).sum(dim=(2, 3))).squeeze(-1)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from importlib import resources
+from pathlib import Path
+from urllib.error import URLError
+
 import torch
 from torch import Tensor
 
@@ -76,3 +80,154 @@ def _wasserstein_1d_sorted(u: Tensor, v: Tensor, p: int) -> Tensor:
     iu = torch.clamp((mids * n).ceil().long() - 1, 0, n - 1)
     iv = torch.clamp((mids * m).ceil().long() - 1, 0, m - 1)
     return (widths[:, None] * (u[iu] - v[iv]).abs().pow(p)).sum(0)
+
+
+# ------------------------------------------------------------------------ FID feature extractors
+# A feature extractor is any torch.nn.Module mapping images (B, C, H, W), in the data's range [-1, 1],
+# to features (B, d); ``num_features`` (d) and ``head`` (a callable features -> class logits,
+# needed for the Inception Score) are optional.
+__all__ += ["DigitsFeatures", "InceptionFeatures"]
+
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_URL = (
+    "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_WEIGHTS_FILE
+)
+
+
+class _DigitsNet(torch.nn.Module):
+    """A small classifier of 8x8 digits; its 64-d penultimate layer gives the digits features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.SiLU(), torch.nn.AvgPool2d(2),
+            torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.SiLU(), torch.nn.AvgPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(128, 64), torch.nn.SiLU(),
+        )
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class DigitsFeatures(torch.nn.Module):
+    """Features of the embedded 8x8 digits for a "digits FID" (and KID, IS) that works offline.
+
+    A small ConvNet classifier trained on the training part of the default digits split
+    (``scripts/train_digits_features.py``; weights shipped in ``lightning_ebm/assets``); the
+    features are its 64-d penultimate layer, ``head`` its 10 class logits. Inputs are digits
+    images in [-1, 1] as ``DigitsDataModule`` makes them: give the same ``image_size`` and
+    ``resize_mode`` and the 8x8 digit is recovered (centre crop, or area resize) first.
+
+    Args:
+        image_size: side of the input images (8 is native).
+        resize_mode: ``"pad"`` or ``"resize"``, as in ``DigitsDataModule``.
+        weights_path: a state dict to load instead of the shipped weights.
+    """
+
+    num_features = 64
+
+    def __init__(
+        self, image_size: int = 8, resize_mode: str = "pad", weights_path: str | None = None
+    ) -> None:
+        super().__init__()
+        if resize_mode not in ("pad", "resize"):
+            raise ValueError(f"DigitsFeatures: resize_mode must be 'pad' or 'resize', got {resize_mode!r}")
+        if not isinstance(image_size, int) or image_size < 8:
+            raise ValueError(f"DigitsFeatures: image_size must be an integer >= 8, got {image_size!r}")
+        self.image_size, self.resize_mode = image_size, resize_mode
+        self.net = _DigitsNet()
+        if weights_path is None:
+            with resources.files("lightning_ebm").joinpath("assets/digits_features.pt").open("rb") as f:
+                state = torch.load(f, map_location="cpu", weights_only=True)
+        else:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        self.net.load_state_dict(state)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> DigitsFeatures:
+        return super().train(False)  # a fixed measuring instrument: always in eval mode
+
+    def _to_8x8(self, x: Tensor) -> Tensor:
+        if x.ndim != 4 or tuple(x.shape[1:]) != (1, self.image_size, self.image_size):
+            raise ValueError(f"DigitsFeatures(image_size={self.image_size}) expects images of shape "
+                             f"(B, 1, {self.image_size}, {self.image_size}), got {tuple(x.shape)}")
+        x = x.to(self.net.head.weight.dtype)
+        if self.image_size == 8:
+            return x
+        if self.resize_mode == "pad":
+            lo = (self.image_size - 8) // 2
+            return x[:, :, lo : lo + 8, lo : lo + 8]
+        return torch.nn.functional.interpolate(x, size=(8, 8), mode="area")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Features ``(B, 64)``."""
+        return self.net.features(self._to_8x8(x))
+
+    def head(self, features: Tensor) -> Tensor:
+        """Class logits ``(B, 10)`` from features."""
+        return self.net.head(features)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Class logits ``(B, 10)`` of images."""
+        return self.head(self(x))
+
+
+class InceptionFeatures(torch.nn.Module):
+    """The FID Inception-v3 (2048-d pool features) of torchmetrics / torch-fidelity.
+
+    Inputs are images in [-1, 1] with 1 or 3 channels; they are rounded to uint8 (grey images
+    repeated to RGB) and resized to 299x299 inside the network. ``head`` gives the unbiased
+    logits the Inception Score uses. Needs ``torch-fidelity`` (``pip install
+    "lightning-ebm[fid]"``) and the weights: downloaded once into torch's hub cache, or read from
+    ``weights_path`` (offline).
+
+    Args:
+        weights_path: a local copy of ``weights-inception-2015-12-05-6726825d.pth``.
+        antialias: torchmetrics' resize (True, its default since 1.8) or the TF1-compatible one
+            of the original FID code (False; use it for numbers comparable with papers).
+    """
+
+    num_features = 2048
+
+    def __init__(self, weights_path: str | None = None, antialias: bool = True) -> None:
+        super().__init__()
+        from torchmetrics.image.fid import NoTrainInceptionV3
+        from torchmetrics.utilities.imports import _TORCH_FIDELITY_AVAILABLE
+
+        if not _TORCH_FIDELITY_AVAILABLE:
+            raise ModuleNotFoundError(
+                "InceptionFeatures needs torch-fidelity: pip install 'lightning-ebm[fid]' (or "
+                "torch-fidelity); or give the FID callback another feature extractor (feature=...)"
+            )
+        target = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_WEIGHTS_FILE
+        if weights_path is not None and not Path(weights_path).is_file():
+            raise FileNotFoundError(f"InceptionFeatures: weights_path={str(weights_path)!r} is not a file; "
+                                    f"it should be a copy of {INCEPTION_WEIGHTS_URL}")
+        try:
+            self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"],
+                                          feature_extractor_weights_path=weights_path, antialias=antialias)
+        except (OSError, URLError, RuntimeError) as err:
+            if weights_path is not None:
+                raise
+            raise RuntimeError(
+                f"could not get the FID Inception weights ({type(err).__name__}: {err}). Download "
+                f"{INCEPTION_WEIGHTS_URL} on a machine with network access and either place it at {target} "
+                f"(torch's hub cache; set TORCH_HOME to move it) or pass its path as weights_path "
+                f"(FIDCallback(inception_weights_path=...))"
+            ) from err
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Features ``(B, 2048)`` of images in [-1, 1]."""
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"InceptionFeatures expects images (B, 1 or 3, H, W), got {tuple(x.shape)}")
+        x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.net(x)
+
+    def head(self, features: Tensor) -> Tensor:
+        """The unbiased class logits ``(B, 1008)`` from pool features (Inception Score)."""
+        return features @ self.net.fc.weight.T.to(features.dtype)

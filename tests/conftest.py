@@ -9,6 +9,11 @@ import torch
 from torch import nn
 
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+# One intra-op thread, here and in the subprocesses tests start (CLI runs, DDP workers): the test
+# models are tiny and overhead-bound, where a second thread gains nothing on an idle machine and
+# costs 5-50x when the cores are shared (OpenMP threads spin waiting for each other).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 class QuadraticEnergy(nn.Module):

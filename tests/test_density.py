@@ -24,15 +24,6 @@ from lightning_ebm.latents import Gaussian, ReplayBuffer, Uniform
 from lightning_ebm.samplers import ODE, GradientDescent, Langevin
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Quadratic(nn.Module):
     """``E(x) = 1/2 (x - m)^T A (x - m)``."""
 

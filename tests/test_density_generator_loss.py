@@ -25,14 +25,6 @@ from lightning_ebm.latents import Gaussian
 from lightning_ebm.samplers import ODE, GradientDescent, Langevin
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ScaledSquare(nn.Module):
     """``E(x) = theta / 2 * |x|^2`` with a learnable scalar ``theta``."""
 

@@ -29,14 +29,6 @@ from lightning_ebm.samplers import ODE, GradientDescent
 BOX = (-5.0, 5.0, -5.0, 5.0)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def quiet_trainer(**kwargs) -> L.Trainer:
     defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False, limit_val_batches=0, accelerator="cpu", devices=1)

@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_default_toy2d_config_reaches_the_data_floor(tmp_path):
     """configs/toy2d.yaml, unchanged: final MMD and sliced Wasserstein within 3x their floors.
 
-    Measured on 2 CPU cores (seed 0): about 85 s; final MMD 0.010 vs floor 0.019, SW 0.081 vs
-    floor 0.110. A broken sampler or loss sign gives MMD > 0.1.
+    Measured on 2 CPU cores (seed 0, one thread): about 100 s with the cores shared; final MMD
+    0.0106 vs floor 0.0188, SW 0.085 vs floor 0.110. A broken sampler or loss sign gives MMD > 0.1.
     """
     start = time.perf_counter()
     result = subprocess.run(

@@ -1,9 +1,12 @@
-"""Logger-agnostic callbacks: pictures of the generator and the energy, density diagnostics, and
-reliability (divergence guard, crash-safe checkpoint writing)."""
+"""Logger-agnostic callbacks: pictures of the generator and the energy, density diagnostics, FID,
+weight averaging, and reliability (divergence guard, crash-safe checkpoint writing)."""
 
 from .checkpoint import AtomicCheckpointIO
 from .density import DensityPanel2D, LongRunDiagnostic
+from .ema import EMA
+from .fid import FIDCallback
 from .guard import DivergenceError, DivergenceGuard
+from .images import SampleGrid
 from .logging import log_image, run_dir
 from .plots import Plot2D
 
@@ -12,8 +15,11 @@ __all__ = [
     "DensityPanel2D",
     "DivergenceError",
     "DivergenceGuard",
+    "EMA",
+    "FIDCallback",
     "LongRunDiagnostic",
     "Plot2D",
+    "SampleGrid",
     "log_image",
     "run_dir",
 ]

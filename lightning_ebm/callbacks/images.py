@@ -1,0 +1,122 @@
+"""Pictures of an image EBM: a grid of generated samples and a strip of the dynamics from z to x_K."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchvision.utils import make_grid
+
+from .ema import averaged_weights
+from .logging import log_image
+
+__all__ = ["SampleGrid", "image_grid"]
+
+
+def image_grid(
+    images: Tensor, nrow: int, value_range: tuple[float, float] = (-1.0, 1.0), pixel_scale: int = 1
+) -> Tensor:
+    """Images ``(N, C, H, W)`` in ``value_range`` as one ``(3, H', W')`` grid in [0, 1].
+
+    Each pixel becomes a ``pixel_scale`` square (nearest neighbour), so tiny images stay
+    visible; tiles are separated by grey lines.
+    """
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"image_grid expects images (N, 1 or 3, H, W), got {tuple(images.shape)}")
+    lo, hi = value_range
+    x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)
+    if pixel_scale > 1:
+        x = x.repeat_interleave(pixel_scale, dim=2).repeat_interleave(pixel_scale, dim=3)
+    return make_grid(x, nrow=nrow, padding=max(1, pixel_scale // 2), pad_value=0.5)
+
+
+class SampleGrid(L.Callback):
+    """Every ``every_n_steps`` training steps (and at the end of training) log two pictures.
+
+    * ``samples``: a grid of ``num_samples`` generated images ``G(z)``;
+    * ``dynamics``: one row per chain (``num_chains`` of them), ``num_frames`` columns from
+      ``z`` (left) to ``x_K`` (right), evenly spaced over the sampler's steps.
+
+    The latents come from a fixed seed, so frames of one run are comparable. With an ``EMA``
+    callback the averaged weights generate. Logged on rank 0 through ``log_image`` (W&B,
+    TensorBoard, or a PNG in the run directory).
+
+    Args:
+        every_n_steps: logging period in optimizer steps.
+        num_samples: images in the grid.
+        num_chains: rows of the dynamics strip (0 = no strip).
+        num_frames: columns of the dynamics strip (>= 2: z and x_K at least).
+        value_range: the data range mapped to black..white.
+        pixel_scale: enlarge every pixel to this square; default: enough for 32-pixel tiles.
+        seed: seed of the latents.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        num_samples: int = 64,
+        num_chains: int = 8,
+        num_frames: int = 10,
+        value_range: tuple[float, float] = (-1.0, 1.0),
+        pixel_scale: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (("every_n_steps", every_n_steps), ("num_samples", num_samples)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SampleGrid: {name} must be a positive integer, got {value!r}")
+        if not isinstance(num_chains, int) or num_chains < 0:
+            raise ValueError(f"SampleGrid: num_chains must be an integer >= 0, got {num_chains!r}")
+        if not isinstance(num_frames, int) or num_frames < 2:
+            raise ValueError(f"SampleGrid: num_frames must be an integer >= 2, got {num_frames!r}")
+        if len(value_range) != 2 or not value_range[0] < value_range[1]:
+            raise ValueError(f"SampleGrid: value_range must be a pair (low, high) with low < high, got "
+                             f"{value_range!r}")
+        if pixel_scale is not None and (not isinstance(pixel_scale, int) or pixel_scale < 1):
+            raise ValueError(f"SampleGrid: pixel_scale must be a positive integer or None, got "
+                             f"{pixel_scale!r}")
+        self.every_n_steps, self.num_samples, self.num_chains = every_n_steps, num_samples, num_chains
+        self.num_frames, self.value_range = num_frames, value_range
+        self.pixel_scale, self.seed = pixel_scale, seed
+        self.logged_steps: list[int] = []
+
+    def make_images(self, pl_module: Any) -> tuple[Tensor, Tensor | None]:
+        """The sample grid and the dynamics strip (``None`` without chains), ``(3, H, W)`` in [0, 1]."""
+        shape = tuple(pl_module.latent.shape)
+        if len(shape) != 3:
+            raise ValueError(f"SampleGrid needs image samples (C, H, W); the latent has shape {shape}")
+        scale = self.pixel_scale or max(1, -(-32 // max(shape[1:])))
+        gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        x = pl_module.generate(self.num_samples, generator=gen)
+        grid = image_grid(x, nrow=max(1, round(self.num_samples**0.5)), value_range=self.value_range,
+                          pixel_scale=scale)
+        strip = None
+        if self.num_chains:
+            _, traj = pl_module.generate(self.num_chains, generator=gen, return_trajectory=True)
+            frames = torch.linspace(0, traj.shape[0] - 1, min(self.num_frames, traj.shape[0])).round().long()
+            # chain-major order: one row per chain
+            tiles = traj[frames.to(traj.device)].transpose(0, 1).flatten(0, 1)
+            strip = image_grid(tiles, nrow=len(frames), value_range=self.value_range, pixel_scale=scale)
+        return grid, strip
+
+    def _log(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.global_step in self.logged_steps:
+            return
+        self.logged_steps.append(trainer.global_step)
+        if not trainer.is_global_zero:
+            return
+        with averaged_weights(trainer, pl_module):
+            grid, strip = self.make_images(pl_module)
+        log_image(trainer, "samples", grid)
+        if strip is not None:
+            log_image(trainer, "dynamics", strip)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._log(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._log(trainer, pl_module)

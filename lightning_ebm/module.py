@@ -51,6 +51,9 @@ class EBM(L.LightningModule):
             chains. The stream's state is saved in checkpoints.
         val_max_samples: cap on the held-out points used for the validation metrics.
         check_finite: raise on non-finite values in a training batch (one device sync per step).
+        channels_last: for image energies ``(B, C, H, W)``: store the energy's 4-D weights and
+            feed data and latents in the channels-last memory format (faster convolutions on
+            recent GPUs and oneDNN CPUs; the samplers keep the format of their input).
     """
 
     def __init__(
@@ -66,6 +69,7 @@ class EBM(L.LightningModule):
         rng_seed: int | None = None,
         val_max_samples: int = 4000,
         check_finite: bool = True,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(energy, nn.Module):
@@ -83,6 +87,11 @@ class EBM(L.LightningModule):
             raise ValueError(f"EBM: val_max_samples must be an integer >= 4, got {val_max_samples!r}")
         if not callable(optimizer):
             raise TypeError(f"EBM: optimizer must be a callable params -> Optimizer, got {optimizer!r}")
+        if not isinstance(channels_last, bool):
+            raise ValueError(f"EBM: channels_last must be True or False, got {channels_last!r}")
+        if channels_last and len(latent.shape) != 3:
+            raise ValueError(f"EBM: channels_last=True needs image samples of shape (C, H, W), but the latent's "
+                             f"shape is {tuple(latent.shape)}")
         with warnings.catch_warnings():
             # components are kept in the hyper-parameters on purpose: load_from_checkpoint needs them
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
@@ -90,6 +99,9 @@ class EBM(L.LightningModule):
         self.energy = energy
         self.sampler = sampler
         self.latent = latent
+        self.channels_last = channels_last
+        if channels_last:
+            self.energy.to(memory_format=torch.channels_last)
         self.alpha, self.data_noise = float(alpha), float(data_noise)
         self.num_negatives = num_negatives
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -141,6 +153,7 @@ class EBM(L.LightningModule):
             z = self.latent.sample(n, generator=generator, device=self.device, dtype=self.dtype)
         else:
             z = z.to(self.device)
+        z = self._memory_format(z)
         chunks = [z] if batch_size is None else list(z.split(batch_size))
         outs = [self.sampler(self.energy, c, generator=generator, return_trajectory=return_trajectory)
                 for c in chunks]
@@ -195,13 +208,19 @@ class EBM(L.LightningModule):
                 f"(epoch {self.current_epoch}, global step {self.global_step}); clean the data or "
                 "check the DataModule's transforms"
             )
-        return x
+        return self._memory_format(x)
+
+    def _memory_format(self, x: Tensor) -> Tensor:
+        """``x`` in the channels-last memory format if ``channels_last`` is set (no copy if it already is)."""
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # ------------------------------------------------------------------ training
     def _draw_latent(self, n: int, like: Tensor) -> tuple[Tensor, Tensor | None]:
         if isinstance(self.latent, ReplayBuffer):
-            return self.latent.draw(n, generator=self.rng, device=like.device, dtype=like.dtype)
-        return self.latent.sample(n, generator=self.rng, device=like.device, dtype=like.dtype), None
+            z, slots = self.latent.draw(n, generator=self.rng, device=like.device, dtype=like.dtype)
+            return self._memory_format(z), slots
+        z = self.latent.sample(n, generator=self.rng, device=like.device, dtype=like.dtype)
+        return self._memory_format(z), None
 
     def critic_loss(self, e_data: Tensor, e_gen: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The critic loss and its parts; ``e_gen`` are energies of detached generator samples."""

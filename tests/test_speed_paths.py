@@ -201,10 +201,14 @@ def test_sampling_memory_does_not_grow_with_steps(mlp, case):
         peaks.append(bench.peak_bytes(lambda sampler=sampler: sampler(mlp, start), torch.device("cpu")))
     assert peaks[0] > start.numel() * 4  # it saw the activations
     assert peaks[1] / peaks[0] < 1.05, peaks
-    # the control: keeping every state does grow, and the measurement sees it
-    keep = MEMORY_CASES["gd"](60)
-    grown = bench.peak_bytes(lambda: keep(mlp, start, return_trajectory=True), torch.device("cpu"))
-    assert grown > peaks[1] + 50 * start.numel() * 4
+
+
+def test_memory_measurement_sees_growth_with_steps(mlp):
+    """The control: keeping every state (the trajectory) does grow with K, and the measurement shows it."""
+    start, cpu = x0(), torch.device("cpu")
+    flat = bench.peak_bytes(lambda: GradientDescent(steps=60, step_size=0.05)(mlp, start), cpu)
+    grown = bench.peak_bytes(lambda: GradientDescent(steps=60, step_size=0.05)(mlp, start, return_trajectory=True), cpu)
+    assert grown > flat + 50 * start.numel() * 4
 
 
 # ---------------------------------------------------------------- bf16 autocast

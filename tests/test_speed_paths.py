@@ -97,6 +97,23 @@ def test_compiled_equals_eager_with_trajectory_and_callback(mlp, case):
     assert nfe_c == nfe_e
 
 
+def test_training_with_the_compiled_sampler_follows_the_eager_run(tmp_path):
+    """Three Trainer steps with compile=True end at the same parameters as with the eager sampler."""
+    data = DataLoader(TensorDataset(x0(seed=5)), batch_size=SHAPE[0])
+    finals = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        sampler = Langevin(steps=6, step_size=0.05, noise_std=0.1, grad_clip=0.5, clamp=(-2.0, 2.0), compile=compile)
+        model = EBM(MLPEnergy(dim=2, hidden=32, num_layers=2), sampler, Uniform((2,), low=-2.0, high=2.0), rng_seed=0)
+        initial = torch.cat([p.detach().flatten() for p in model.parameters()])
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(model, train_dataloaders=data)
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert (finals[0] - initial).abs().max() > 1e-4  # training moved them
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_path_keeps_the_clear_energy_shape_error():
     class Wrong(nn.Module):
         def forward(self, x):

@@ -8,6 +8,7 @@ configuration compiles once for the whole module.
 from __future__ import annotations
 
 import copy
+import gc
 import importlib.util
 import math
 from pathlib import Path
@@ -30,6 +31,15 @@ _spec.loader.exec_module(bench)
 
 CL = torch.channels_last
 SHAPE = (256, 2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_compiled_graphs():
+    """Drop torch.compile's caches after this module: their fake tensors would otherwise stay in the
+    process and confuse later tests that scan live tensors (``gc.get_objects()``)."""
+    yield
+    torch._dynamo.reset()
+    gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,8 @@ def _live_tensor_bytes() -> int:
     for obj in gc.get_objects():
         try:
             if isinstance(obj, torch.Tensor):
-                total += obj.untyped_storage().nbytes()
+                size = obj.untyped_storage().nbytes()
+                total += size if isinstance(size, int) else 0  # torch.compile leaves symbolic fakes
         except Exception:  # noqa: BLE001 - objects can vanish while scanning
             pass
     return total

@@ -52,14 +52,20 @@ class Sampler:
     * works under ``torch.no_grad`` (it enables grad locally), but not under
       ``torch.inference_mode`` (use ``Trainer(inference_mode=False)``);
     * follows the device and dtype of ``x0``;
-    * records ``last_nfe``, the number of energy-gradient evaluations of the last call.
+    * records ``last_nfe``, the number of energy-gradient evaluations of the last call;
+    * with ``compile=True`` runs each step (energy gradient and update) through ``torch.compile``,
+      with results equal to the eager loop's up to float rounding; ``compile_time`` accumulates
+      the seconds spent compiling (the first call per input shape, dtype, device and mode).
     """
 
     #: False for samplers that inject noise: their generator has no density
     deterministic: bool = True
 
-    def __init__(self, grad_clip: float | None = None, clamp: tuple[float, float] | None = None) -> None:
+    def __init__(self, grad_clip: float | None = None, clamp: tuple[float, float] | None = None,
+                 compile: bool = False) -> None:
         name = type(self).__name__
+        if not isinstance(compile, bool):
+            raise ValueError(f"{name}: compile must be True or False, got {compile!r}")
         if grad_clip is not None:
             _check_positive(name, "grad_clip", grad_clip)
         if clamp is not None:
@@ -68,7 +74,9 @@ class Sampler:
             clamp = (float(clamp[0]), float(clamp[1]))
         self.grad_clip = grad_clip
         self.clamp = clamp
+        self.compile = compile
         self.last_nfe = 0
+        self.compile_time = 0.0
 
     def __call__(
         self,
@@ -132,5 +140,6 @@ class Sampler:
         return x if self.clamp is None else x.clamp(*self.clamp)
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k != "last_nfe")
+        state = ("last_nfe", "compile_time")
+        args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_") and k not in state)
         return f"{type(self).__name__}({args})"

@@ -7,6 +7,7 @@ import math
 import torch
 
 from .base import Sampler, _check_positive, energy_grad
+from .compiled import run_descent
 
 __all__ = ["GradientDescent", "Langevin"]
 
@@ -22,6 +23,12 @@ class GradientDescent(Sampler):
         step_size: s > 0.
         grad_clip: clamp every coordinate of ``grad E`` to ``[-grad_clip, grad_clip]``.
         clamp: clamp the state to ``(low, high)`` after every step (e.g. the data range).
+        compile: run each step (gradient and update) through ``torch.compile``; equal to the
+            eager loop up to float rounding, faster after a one-off compilation
+            (``compile_time``).
+        cuda_graph: on CUDA, capture the whole K-step loop in a CUDA graph on first use and
+            replay it (no per-kernel launch cost); calls asking for a trajectory or a callback
+            run step by step. Raises on other devices.
     """
 
     def __init__(
@@ -30,12 +37,17 @@ class GradientDescent(Sampler):
         step_size: float,
         grad_clip: float | None = None,
         clamp: tuple[float, float] | None = None,
+        compile: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
-        super().__init__(grad_clip=grad_clip, clamp=clamp)
+        super().__init__(grad_clip=grad_clip, clamp=clamp, compile=compile)
         _check_positive(type(self).__name__, "steps", steps, integer=True)
         _check_positive(type(self).__name__, "step_size", step_size)
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"{type(self).__name__}: cuda_graph must be True or False, got {cuda_graph!r}")
         self.steps = steps
         self.step_size = float(step_size)
+        self.cuda_graph = cuda_graph
 
     def _noise_std(self) -> float:
         return 0.0
@@ -44,6 +56,8 @@ class GradientDescent(Sampler):
         if differentiable_steps > self.steps:
             raise ValueError(f"{type(self).__name__}: differentiable_steps must be <= steps={self.steps}, "
                              f"got {differentiable_steps}")
+        if (self.compile or self.cuda_graph) and not differentiable_steps:
+            return run_descent(self, energy, x0, generator, return_trajectory, callback)
         x = x0
         states = [x] if return_trajectory else None
         s, noise_std = self.step_size, self._noise_std()
@@ -77,6 +91,10 @@ class Langevin(GradientDescent):
         noise_std: standard deviation of the Gaussian noise added at every step (>= 0).
         grad_clip: clamp every coordinate of ``grad E`` to ``[-grad_clip, grad_clip]``.
         clamp: clamp the state to ``(low, high)`` after every step (e.g. the data range).
+        compile: run each step through ``torch.compile`` (see ``GradientDescent``); the noise is
+            drawn outside the compiled step, from the same stream, so results equal eager.
+        cuda_graph: on CUDA, replay the K-step loop from a CUDA graph (see ``GradientDescent``);
+            the noise then comes from ``generator`` registered with the graph.
     """
 
     def __init__(
@@ -86,8 +104,11 @@ class Langevin(GradientDescent):
         noise_std: float,
         grad_clip: float | None = None,
         clamp: tuple[float, float] | None = None,
+        compile: bool = False,
+        cuda_graph: bool = False,
     ) -> None:
-        super().__init__(steps=steps, step_size=step_size, grad_clip=grad_clip, clamp=clamp)
+        super().__init__(steps=steps, step_size=step_size, grad_clip=grad_clip, clamp=clamp, compile=compile,
+                         cuda_graph=cuda_graph)
         if not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std) or noise_std < 0:
             raise ValueError(f"Langevin: noise_std must be a finite number >= 0, got {noise_std!r}")
         self.noise_std = float(noise_std)

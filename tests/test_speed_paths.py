@@ -1,0 +1,339 @@
+"""Speed paths: compiled dynamics equal eager, memory independent of K, bf16-mixed, channels_last.
+
+Nothing here is timed (speed claims live in ``benchmarks/run.py``). torch.compile takes seconds
+per graph on a CPU, so the compiled cases share one energy and one input shape and each
+configuration compiles once for the whole module.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import importlib.util
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import QuadraticEnergy, random_spd
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_ebm import EBM
+from lightning_ebm.energies import MLPEnergy
+from lightning_ebm.latents import Gaussian, Uniform
+from lightning_ebm.samplers import ODE, GradientDescent, Langevin
+
+_spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).parents[1] / "benchmarks" / "run.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+CL = torch.channels_last
+SHAPE = (256, 2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _forget_compiled_graphs():
+    """Drop torch.compile's caches after this module: their fake tensors would otherwise stay in the
+    process and confuse later tests that scan live tensors (``gc.get_objects()``)."""
+    yield
+    torch._dynamo.reset()
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def mlp() -> MLPEnergy:
+    torch.manual_seed(0)
+    return MLPEnergy(dim=2, hidden=32, num_layers=2)
+
+
+def x0(shape=SHAPE, seed=0, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+class TinyConv(nn.Module):
+    """A small smooth conv energy ``(B, 3, 8, 8) -> (B,)`` (stands in for any conv energy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.SiLU(), nn.Conv2d(8, 16, 4, 2, 1), nn.SiLU(),
+                                 nn.Conv2d(16, 1, 4, 1, 0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).flatten(1).sum(1)
+
+
+# ---------------------------------------------------------------- compiled == eager
+def test_compiled_gradient_descent_is_the_matrix_power():
+    """Against the closed form, in float64: x_K = (I - sA)^K z; compile time counted once."""
+    A = random_spd(3, seed=5)
+    z = x0((40, 3), dtype=torch.float64)
+    sampler, energy = GradientDescent(steps=20, step_size=0.1, compile=True), QuadraticEnergy(A)
+    x = sampler(energy, z)
+    expected = z @ torch.linalg.matrix_power(torch.eye(3, dtype=torch.float64) - 0.1 * A, 20).T
+    torch.testing.assert_close(x, expected, rtol=1e-12, atol=1e-12)
+    first = sampler.compile_time
+    assert first > 0
+    torch.testing.assert_close(sampler(energy, z), expected, rtol=1e-12, atol=1e-12)
+    assert sampler.compile_time == first  # same signature: nothing compiled, nothing counted
+    assert "compile_time" not in repr(sampler) and "compile=True" in repr(sampler)
+
+
+COMPILED_CASES = {
+    "gd": lambda compile: GradientDescent(steps=6, step_size=0.05, compile=compile),
+    "langevin_clip_clamp": lambda compile: Langevin(steps=6, step_size=0.05, noise_std=0.1, grad_clip=0.5,
+                                                    clamp=(-2.0, 2.0), compile=compile),
+    "ode_rk4": lambda compile: ODE(t_end=0.3, method="rk4", step_size=0.05, compile=compile),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMPILED_CASES))
+def test_compiled_equals_eager_with_trajectory_and_callback(mlp, case):
+    start = x0()
+    runs = []
+    for compile in (False, True):
+        sampler, seen = COMPILED_CASES[case](compile), []
+        x, traj = sampler(mlp, start, generator=torch.Generator().manual_seed(1), return_trajectory=True,
+                          callback=lambda info, seen=seen: seen.append(info["x"]))
+        runs.append((x, traj, torch.stack(seen), sampler.last_nfe))
+        assert not x.requires_grad and not traj.requires_grad
+        assert all(p.grad is None for p in mlp.parameters())
+    (x_e, traj_e, seen_e, nfe_e), (x_c, traj_c, seen_c, nfe_c) = runs
+    assert not torch.equal(x_e, start)
+    torch.testing.assert_close(x_c, x_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(traj_c, traj_e, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen_c, seen_e, rtol=1e-5, atol=1e-6)
+    assert nfe_c == nfe_e
+
+
+def test_training_with_the_compiled_sampler_follows_the_eager_run(tmp_path):
+    """Three Trainer steps with compile=True end at the same parameters as with the eager sampler."""
+    data = DataLoader(TensorDataset(x0(seed=5)), batch_size=SHAPE[0])
+    finals = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        sampler = Langevin(steps=6, step_size=0.05, noise_std=0.1, grad_clip=0.5, clamp=(-2.0, 2.0), compile=compile)
+        model = EBM(MLPEnergy(dim=2, hidden=32, num_layers=2), sampler, Uniform((2,), low=-2.0, high=2.0), rng_seed=0)
+        initial = torch.cat([p.detach().flatten() for p in model.parameters()])
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        trainer.fit(model, train_dataloaders=data)
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert (finals[0] - initial).abs().max() > 1e-4  # training moved them
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_path_keeps_the_clear_energy_shape_error():
+    class Wrong(nn.Module):
+        def forward(self, x):
+            return (x**2).sum(1, keepdim=True)  # (B, 1) instead of (B,)
+
+    with pytest.raises(ValueError, match=r"shape \(B,\).*\(4, 1\)"):
+        GradientDescent(steps=2, step_size=0.1, compile=True)(Wrong(), torch.randn(4, 2))
+
+
+def test_cuda_graph_refuses_the_cpu_and_flags_must_be_bool():
+    with pytest.raises(RuntimeError, match="cuda_graph=True .* needs x0 on a CUDA device, got x0 on cpu"):
+        GradientDescent(steps=2, step_size=0.1, cuda_graph=True)(MLPEnergy(dim=2), torch.randn(4, 2))
+    with pytest.raises(ValueError, match="compile must be True or False, got 'yes'"):
+        Langevin(steps=2, step_size=0.1, noise_std=0.1, compile="yes")
+    with pytest.raises(ValueError, match="cuda_graph must be True or False, got 1"):
+        GradientDescent(steps=2, step_size=0.1, cuda_graph=1)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        ODE(t_end=1.0, compile=None)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compiled_graph"])
+def test_cuda_graph_equals_eager_on_cuda(compile):
+    torch.manual_seed(0)
+    energy = MLPEnergy(dim=2, hidden=32).cuda()
+    start = torch.randn(512, 2, device="cuda")
+    eager = GradientDescent(steps=10, step_size=0.05)(energy, start)
+    graphed = GradientDescent(steps=10, step_size=0.05, cuda_graph=True, compile=compile)
+    for _ in range(2):  # capture, then replay
+        torch.testing.assert_close(graphed(energy, start), eager, rtol=1e-5, atol=1e-6)
+    assert graphed.compile_time > 0 and graphed.last_nfe == 10
+    with torch.no_grad():  # the parameters move in place (as an optimiser moves them): the graph follows
+        energy.net[0].weight.mul_(0.5)
+    torch.testing.assert_close(graphed(energy, start), GradientDescent(steps=10, step_size=0.05)(energy, start),
+                               rtol=1e-5, atol=1e-6)
+    # bf16 autocast: the energy runs in bf16, the state stays float32
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        low = graphed(energy, start)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, graphed(energy, start), rtol=0, atol=2e-2)
+
+
+@needs_cuda
+def test_cuda_graph_langevin_draws_from_the_generator():
+    torch.manual_seed(0)
+    energy = MLPEnergy(dim=2, hidden=32).cuda()
+    start = torch.randn(4096, 2, device="cuda")
+    eager = GradientDescent(steps=10, step_size=0.05)(energy, start)
+    lang = Langevin(steps=10, step_size=0.05, noise_std=0.1, cuda_graph=True)
+    a = lang(energy, start, generator=torch.Generator("cuda").manual_seed(3))
+    b = lang(energy, start, generator=torch.Generator("cuda").manual_seed(3))
+    c = lang(energy, start, generator=torch.Generator("cuda").manual_seed(4))
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+    # the noise adds variance 10 * 0.1**2 around the deterministic path (to first order)
+    assert abs((a - eager).var().item() - 0.1) < 0.02
+
+
+@needs_cuda
+def test_cuda_graph_memory_does_not_grow_with_steps():
+    energy = MLPEnergy(dim=64, hidden=256).cuda()
+    start = torch.randn(1024, 64, device="cuda")
+    peaks = []
+    for k in (10, 60):  # the first call captures: the graph's memory pool is filled then
+        sampler = GradientDescent(steps=k, step_size=0.05, cuda_graph=True)
+        peaks.append(bench.peak_bytes(lambda sampler=sampler: sampler(energy, start), torch.device("cuda")))
+    assert peaks[1] / peaks[0] < 1.05, peaks
+
+
+# ---------------------------------------------------------------- memory
+def test_peak_memory_measurement_sees_torch_allocations():
+    """The benchmark's CPU peak (profiler allocation events) against allocations of known size."""
+
+    def allocate():
+        a = torch.empty(1_000_000)  # 4 MB
+        b = torch.empty(500_000)  # 2 MB: peak 6 MB
+        del a
+        c = torch.empty(250_000)  # 3 MB live
+        return b, c
+
+    assert bench.peak_bytes(allocate, torch.device("cpu")) == 6_000_000
+
+
+MEMORY_CASES = {
+    "gd": lambda k: GradientDescent(steps=k, step_size=0.05),
+    "langevin": lambda k: Langevin(steps=k, step_size=0.05, noise_std=0.1),
+    "gd_compiled": lambda k: GradientDescent(steps=k, step_size=0.05, compile=True),
+    "ode_euler": lambda k: ODE(t_end=0.05 * k, method="euler", step_size=0.05),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MEMORY_CASES))
+def test_sampling_memory_does_not_grow_with_steps(mlp, case):
+    start = x0()
+    peaks = []
+    for k in (10, 60):
+        sampler = MEMORY_CASES[case](k)
+        sampler(mlp, start)  # warm-up (and compile) outside the measurement
+        peaks.append(bench.peak_bytes(lambda sampler=sampler: sampler(mlp, start), torch.device("cpu")))
+    assert peaks[0] > start.numel() * 4  # it saw the activations
+    assert peaks[1] / peaks[0] < 1.05, peaks
+
+
+def test_memory_measurement_sees_growth_with_steps(mlp):
+    """The control: keeping every state (the trajectory) does grow with K, and the measurement shows it."""
+    start, cpu = x0(), torch.device("cpu")
+    flat = bench.peak_bytes(lambda: GradientDescent(steps=60, step_size=0.05)(mlp, start), cpu)
+    grown = bench.peak_bytes(lambda: GradientDescent(steps=60, step_size=0.05)(mlp, start, return_trajectory=True), cpu)
+    assert grown > flat + 50 * start.numel() * 4
+
+
+# ---------------------------------------------------------------- bf16 autocast
+class LinearQuadratic(nn.Module):
+    """``E(x) = 0.5 |W x|^2`` with ``W = I``: autocast runs the matmul in bf16, ``grad E = x``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2, bias=False)
+        nn.init.eye_(self.lin.weight)
+        self.seen_dtype = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.lin(x)
+        if not torch.compiler.is_compiling():
+            self.seen_dtype = h.dtype
+        return 0.5 * h.float().pow(2).sum(1)
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_autocast_bf16_keeps_the_update_in_float32(compile):
+    """Steps of 1e-3 from x = 1: float32 state reaches (1 - s)^K; a bf16 state would stay at 1."""
+    energy, s, k = LinearQuadratic(), 1e-3, 10
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = GradientDescent(steps=k, step_size=s, compile=compile)(energy, torch.ones(8, 2))
+    assert x.dtype == torch.float32
+    assert energy.seen_dtype == torch.bfloat16  # the energy did run in bf16
+    # the gradient is x rounded to bf16 (relative error <= 2^-9), the update exact in float32
+    assert abs(x - (1 - s) ** k).max() < k * s * 2**-8
+    assert x.max() < 1 - k * s / 2
+
+
+class RecordingSampler(GradientDescent):
+    """GradientDescent that records the autocast state and dtypes it saw on every call."""
+
+    def __call__(self, energy, x0, **kwargs):
+        x = super().__call__(energy, x0, **kwargs)
+        self.__dict__.setdefault("_calls", []).append(
+            {"autocast": torch.is_autocast_enabled("cpu"), "x0": x0, "x": x,
+             "energy_dtype": energy(x0[:2]).dtype})
+        return x
+
+
+def test_bf16_mixed_training_samples_and_updates_in_float32(tmp_path):
+    torch.manual_seed(0)
+    sampler = RecordingSampler(steps=4, step_size=0.05)
+    model = EBM(MLPEnergy(dim=2, hidden=32), sampler, Uniform((2,), low=-2.0, high=2.0), rng_seed=0)
+    data = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=32)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, precision="bf16-mixed", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=data)
+    calls = sampler._calls
+    assert len(calls) == 2
+    for call in calls:
+        assert call["autocast"] and call["energy_dtype"] == torch.bfloat16
+        assert call["x0"].dtype == call["x"].dtype == torch.float32
+        assert torch.isfinite(call["x"]).all()
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+# ---------------------------------------------------------------- channels_last
+@pytest.mark.parametrize("make", [lambda: GradientDescent(steps=4, step_size=0.1),
+                                  lambda: Langevin(steps=4, step_size=0.1, noise_std=0.05),
+                                  lambda: GradientDescent(steps=4, step_size=0.1, compile=True)],
+                         ids=["gd", "langevin", "gd_compiled"])
+def test_channels_last_gives_the_same_samples_and_keeps_the_format(make):
+    torch.manual_seed(0)
+    energy = TinyConv()
+    energy_cl = copy.deepcopy(energy).to(memory_format=CL)
+    assert energy_cl.net[0].weight.is_contiguous(memory_format=CL)
+    start = x0((4, 3, 8, 8))
+    ref = make()(energy, start, generator=torch.Generator().manual_seed(2))
+    out = make()(energy_cl, start.contiguous(memory_format=CL), generator=torch.Generator().manual_seed(2))
+    assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ebm_channels_last_trains_and_generates_in_channels_last(tmp_path):
+    torch.manual_seed(0)
+    sampler = RecordingSampler(steps=3, step_size=0.1)
+    model = EBM(TinyConv(), sampler, Gaussian((3, 8, 8)), channels_last=True, rng_seed=0)
+    assert model.energy.net[2].weight.is_contiguous(memory_format=CL)
+    data = DataLoader(TensorDataset(torch.randn(16, 3, 8, 8)), batch_size=8)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, train_dataloaders=data)
+    assert len(sampler._calls) == 2
+    assert all(c["x0"].is_contiguous(memory_format=CL) and c["x"].is_contiguous(memory_format=CL)
+               for c in sampler._calls)
+    assert model._data((torch.randn(2, 3, 8, 8),), 0, "test").is_contiguous(memory_format=CL)
+    assert model.generate(5).is_contiguous(memory_format=CL)
+    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_channels_last_needs_image_samples():
+    with pytest.raises(ValueError, match=r"channels_last=True needs image samples of shape \(C, H, W\).*\(2,\)"):
+        EBM(MLPEnergy(dim=2), GradientDescent(steps=1, step_size=0.1), Uniform((2,)), channels_last=True)
+    with pytest.raises(ValueError, match="channels_last must be True or False"):
+        EBM(TinyConv(), GradientDescent(steps=1, step_size=0.1), Gaussian((3, 8, 8)), channels_last="yes")

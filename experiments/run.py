@@ -218,7 +218,7 @@ def plot_noise(rows: list[dict], out: Path) -> Path:
         ax.set_xlabel("Langevin noise_std (0 = gradient descent)")
         ax.set_title(title)
         ax.legend(fontsize=8)
-    fig.suptitle("8gaussians, 1200 steps, 60 dynamics steps of 0.05; mean ± std over seeds")
+    fig.suptitle("8gaussians, configs/toy2d.yaml (1000 steps, 60 dynamics steps of 0.05); mean ± std over seeds")
     fig.tight_layout()
     path = out / "noise.png"
     fig.savefig(path)

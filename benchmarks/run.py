@@ -46,7 +46,7 @@ from torch import nn
 
 import lightning_ebm
 from lightning_ebm import EBM
-from lightning_ebm.energies import MLPEnergy
+from lightning_ebm.energies import ConvEnergy, MLPEnergy
 from lightning_ebm.latents import Gaussian
 from lightning_ebm.samplers import ODE, GradientDescent, Langevin
 
@@ -67,35 +67,10 @@ def plain_loop(energy: nn.Module, x: torch.Tensor, steps: int, step_size: float,
 
 
 # --------------------------------------------------------------------------- energies
-class NijkampConvNet(nn.Module):
-    """The 32x32 ConvNet of Nijkamp et al. (2019, short-run MCMC), with SiLU for a smooth energy.
-
-    Used when ``lightning_ebm.energies.ConvEnergy`` is not available.
-    """
-
-    def __init__(self, width: int = 64, in_channels: int = 3) -> None:
-        super().__init__()
-        w = width
-        self.net = nn.Sequential(
-            nn.Conv2d(in_channels, w, 3, 1, 1), nn.SiLU(),
-            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.SiLU(),
-            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.SiLU(),
-            nn.Conv2d(4 * w, 8 * w, 4, 2, 1), nn.SiLU(),
-            nn.Conv2d(8 * w, 1, 4, 1, 0),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten(1).squeeze(1)
-
-
 def conv_energy(width: int) -> tuple[nn.Module, str]:
-    """``ConvEnergy`` from the library when it exists (with its defaults), else NijkampConvNet."""
-    try:
-        from lightning_ebm.energies import ConvEnergy  # noqa: PLC0415 - written on another branch
-    except ImportError:
-        return NijkampConvNet(width), f"NijkampConvNet(width={width})"
-    energy = ConvEnergy()
-    return energy, f"ConvEnergy() ({sum(p.numel() for p in energy.parameters())} parameters)"
+    """The library's ``ConvEnergy`` (Nijkamp et al.'s short-run ConvNet) at 32x32 and ``width``."""
+    energy = ConvEnergy(width=width)
+    return energy, f"ConvEnergy(width={width}) ({sum(p.numel() for p in energy.parameters())} parameters)"
 
 
 # --------------------------------------------------------------------------- timing
@@ -413,7 +388,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlp-hidden", type=int, default=128)
     p.add_argument("--mlp-batch", type=int, default=1024)
     p.add_argument("--mlp-steps", type=int, default=40, help="sampler steps K per call on the MLP")
-    p.add_argument("--conv-width", type=int, default=16, help="base width of NijkampConvNet (64 in the paper)")
+    p.add_argument("--conv-width", type=int, default=16, help="base width of ConvEnergy (64 in the paper)")
     p.add_argument("--conv-batch", type=int, default=64)
     p.add_argument("--conv-steps", type=int, default=8, help="sampler steps K per call on the conv energy")
     p.add_argument("--train-steps", type=int, default=6, help="training steps per round (train section)")

@@ -172,9 +172,14 @@ class ReplayBuffer(Latent):
     def sample(self, n, *, generator=None, device=None, dtype=None) -> Tensor:
         """``n`` starting points from random slots (with replacement, so any ``n``), for evaluation.
 
-        Training uses ``draw``/``push``; ``sample`` never writes to the buffer.
+        Training uses ``draw``/``push``; ``sample`` never writes to the buffer. Before the first
+        training step the buffer is empty and the points come straight from the wrapped latent
+        (what the buffer would have been filled with), so evaluating an untrained model does not
+        fix the buffer's contents or its device and dtype.
         """
         self._check_n(n)
+        if self.buffer is None:
+            return self.latent.sample(n, generator=generator, device=device, dtype=dtype)
         buf = self._ensure_buffer(generator, device, dtype)
         idx = torch.randint(0, self.capacity, (n,), generator=generator, device=buf.device)
         return self._start_from(idx, generator, dtype)

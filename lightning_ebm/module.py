@@ -26,6 +26,12 @@ __all__ = ["EBM"]
 _EVAL_SEED_OFFSET = 2_147_483_629  # validation draws its own stream, never the training one
 
 
+def _check_batch_size(method: str, batch_size: Any) -> None:
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
+                                   or batch_size < 1):
+        raise ValueError(f"EBM.{method}: batch_size must be a positive integer or None, got {batch_size!r}")
+
+
 class EBM(L.LightningModule):
     """An energy-based model trained "by maximum likelihood", seen as a self-adversarial game.
 
@@ -177,6 +183,7 @@ class EBM(L.LightningModule):
             num_probes: Rademacher probes per sample for ``trace="hutchinson"``.
             series_terms: terms of the log-det power series (Hutchinson, gradient descent).
         """
+        _check_batch_size("generate", batch_size)
         if return_log_prob:  # fail before drawing anything
             density.check_density(self.sampler, self.latent)
             if return_trajectory:
@@ -218,6 +225,7 @@ class EBM(L.LightningModule):
         that does not converge raises). ``trace``, ``num_probes``, ``series_terms`` and
         ``generator`` (the probes' stream) as in ``generate``; ``batch_size`` bounds memory.
         """
+        _check_batch_size("generator_log_prob", batch_size)
         x = x.to(self.device)
         chunks = [x] if batch_size is None else list(x.split(batch_size))
         return torch.cat([density.log_prob(self.energy, self.sampler, self.latent, c, trace=trace,
@@ -444,9 +452,12 @@ class EBM(L.LightningModule):
             mine = ranks[rank % len(ranks)]
             state = mine["rng_state"] if rank < len(ranks) else None
             self._rng = None
-            # load_state_dict runs after this hook: swap this rank's chains into the state dict
+            # load_state_dict runs after this hook: swap this rank's chains into the state dict, and
+            # into the raw weights that a weight-averaging callback (EMA) reloads after the module
             for name, chains in mine["replay_buffers"].items():
-                checkpoint["state_dict"][f"{name}._extra_state"] = {"buffer": chains}
+                for key in ("state_dict", "current_model_state"):
+                    if key in checkpoint:
+                        checkpoint[key][f"{name}._extra_state"] = {"buffer": chains}
         if state is not None:
             self._pending_rng_state = state
             self._rng = None

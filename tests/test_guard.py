@@ -28,7 +28,7 @@ from reliability_helpers import (
 )
 
 from lightning_ebm import EBM
-from lightning_ebm.callbacks import AtomicCheckpointIO, DivergenceError, DivergenceGuard
+from lightning_ebm.callbacks import EMA, AtomicCheckpointIO, DivergenceError, DivergenceGuard
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 
@@ -128,6 +128,23 @@ def test_rollback_restores_the_last_good_state_lowers_the_learning_rate_and_rese
     assert raw["global_step"] == 5 and any(s == {"rollbacks": 1} for s in raw["callbacks"].values())
     assert differences(model_state(EBM.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt")),
                        model_state(run.model)) == []
+
+
+def test_rollback_also_restores_an_ema_that_already_averaged_the_diverged_weights(tmp_path):
+    """EMA sits before the guard, so in the faulty step it averages NaN weights before the check."""
+    fault = InjectFault("nan_weight", steps=[4])
+    ema = EMA(decay=0.5)
+    guard = DivergenceGuard(mode="rollback", snapshot_every_n_steps=1)
+    L.seed_everything(0)
+    model = tiny_ebm(lr=LR, lr_scheduler=None)
+    trainer = tiny_trainer(tmp_path, max_steps=8, limit_val_batches=0, callbacks=[fault, ema, guard])
+    trainer.fit(model, tiny_data())
+    assert guard.rollbacks == 1 and fault.fired == [4]
+    average = ema._average_model.module
+    assert all(torch.isfinite(p).all() for p in average.parameters())
+    assert ema._latest_update_step == 8
+    with ema.averaged(model):  # the average is not a stale copy: it has followed the restored weights
+        assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_rollback_mode_rides_through_every_kind_of_fault(tmp_path):

@@ -114,6 +114,10 @@ def test_replay_buffer_follows_dtype_moves():
 def test_replay_buffer_sample_serves_any_number_without_writing():
     buffer = ReplayBuffer(Uniform((2,)), capacity=8, reinit_prob=0.0)
     g = torch.Generator().manual_seed(0)
+    fresh = buffer.sample(3, generator=g, dtype=torch.float64)  # before training: the wrapped latent's
+    assert buffer.buffer is None and fresh.dtype == torch.float64 and fresh.shape == (3, 2)
+    assert ((fresh >= -1) & (fresh <= 1)).all()
+    buffer.draw(8, generator=g)
     z = buffer.sample(100, generator=g)  # more than the capacity: evaluation draws with replacement
     assert z.shape == (100, 2)
     before = buffer.buffer.clone()

@@ -109,8 +109,18 @@ def test_validate_needs_inference_mode_off(tmp_path):
     model = make_model()
     with pytest.raises(RuntimeError, match="inference_mode=False"):
         make_trainer(tmp_path, inference_mode=True).validate(model, tiny_data(), verbose=False)
-    out = make_trainer(tmp_path).validate(model, tiny_data(), verbose=False)
-    assert out[0]["val/mmd"] >= 0
+    out = make_trainer(tmp_path).validate(model, tiny_data(), verbose=False)[0]
+    # an untrained generator is far from the data: well above the data-vs-data floor
+    assert out["val/mmd"] > 2 * out["val/mmd_floor"] > 0 and out["val/sw"] > out["val/sw_floor"] > 0
+
+
+def test_generate_and_generator_log_prob_name_a_bad_batch_size():
+    model = make_model()
+    for bad in (0, -2, 2.5, True):
+        with pytest.raises(ValueError, match=r"EBM.generate: batch_size must be a positive integer or None"):
+            model.generate(4, batch_size=bad)
+        with pytest.raises(ValueError, match=r"EBM.generator_log_prob: batch_size must be a positive integer"):
+            model.generator_log_prob(torch.zeros(4, 2), batch_size=bad)
 
 
 # ---------------------------------------------------------------- bad input

@@ -83,3 +83,21 @@ def test_each_saved_stream_matters(reference, tmp_path, drop):
     torch.save(ckpt, tmp_path / "partial.ckpt")
     resumed = fit(tmp_path, 2 * N, ckpt_path=tmp_path / "partial.ckpt", seed=123)
     assert any(d.startswith("/model/") for d in differences(state, resumed))
+
+
+def test_a_ddp_checkpoint_gives_each_rank_its_chains_also_in_the_raw_weights_an_ema_reloads(tmp_path):
+    """With EMA the module is loaded twice: from ``state_dict`` (the average), then from
+    ``current_model_state`` (the raw weights). Both must carry this rank's chains, not rank 0's."""
+    from types import SimpleNamespace
+
+    model = tiny_ebm()
+    chains = [torch.full((64, 2), float(rank)) for rank in range(2)]
+    checkpoint = {
+        "state_dict": {"latent._extra_state": {"buffer": chains[0]}},
+        "current_model_state": {"latent._extra_state": {"buffer": chains[0]}},
+        "lightning_ebm": {"ranks": [{"rng_state": None, "replay_buffers": {"latent": c}} for c in chains]},
+    }
+    model._trainer = SimpleNamespace(world_size=2, global_rank=1)
+    model.on_load_checkpoint(checkpoint)
+    for key in ("state_dict", "current_model_state"):
+        assert torch.equal(checkpoint[key]["latent._extra_state"]["buffer"], chains[1]), key

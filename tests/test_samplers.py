@@ -227,6 +227,8 @@ def test_grad_clip_and_clamp_act_as_documented():
         (lambda: ODE(t_end=1.0, step_size=-0.1), "step_size"),
         (lambda: GradientDescent(steps=1, step_size=0.1, grad_clip=0), "grad_clip"),
         (lambda: GradientDescent(steps=1, step_size=0.1, clamp=(1.0, -1.0)), "clamp"),
+        (lambda: GradientDescent(steps=1, step_size=0.1, clamp=1.0), r"clamp must be a pair \(low, high\)"),
+        (lambda: Langevin(steps=1, step_size=0.1, noise_std=0.0, clamp="ab"), "clamp must be a pair"),
     ],
 )
 def test_bad_arguments_are_named(build, match):

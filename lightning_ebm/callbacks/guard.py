@@ -3,7 +3,8 @@
 EBM training is known to diverge (energies run away, the sampler's samples blow up). The guard
 watches, after every training step, the loss, the energies, the parameters' gradient norm and
 the parameters themselves. On divergence it restores the last state that passed every check
-(an in-memory snapshot of the model, its replay buffer, the optimizers and the schedulers),
+(an in-memory snapshot of the model, its replay buffer, the optimizers, the schedulers and any
+weight average such as ``EMA``),
 lowers the learning rate and reseeds the module's random stream; then it either continues
 (``mode="rollback"``, up to ``max_rollbacks`` times) or saves that state as a checkpoint and
 raises ``DivergenceError`` with what diverged, where, and how to resume (``mode="stop"``). A
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
+from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
@@ -34,6 +36,11 @@ class DivergenceError(RuntimeError):
 
 def _to_cpu(obj: Any) -> Any:
     return apply_to_collection(obj, Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+
+def _averagers(trainer: L.Trainer) -> list[WeightAveraging]:
+    """The weight-averaging callbacks (``EMA``, SWA-style) that hold an average to snapshot."""
+    return [cb for cb in trainer.callbacks if isinstance(cb, WeightAveraging) and cb._average_model is not None]
 
 
 def _norm(tensors: list[Tensor]) -> Tensor:
@@ -223,6 +230,9 @@ class DivergenceGuard(L.Callback):
             "module": _to_cpu(pl_module.state_dict()),
             "optimizers": [_to_cpu(opt.state_dict()) for opt in trainer.optimizers],
             "schedulers": [_to_cpu(cfg.scheduler.state_dict()) for cfg in trainer.lr_scheduler_configs],
+            # an EMA that ran before the guard in this step has already averaged the diverged weights in
+            "averages": [(_to_cpu(cb._average_model.state_dict()), cb.state_dict())
+                         for cb in _averagers(trainer)],
         }
 
     def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
@@ -232,6 +242,9 @@ class DivergenceGuard(L.Callback):
         pl_module.load_state_dict(self._snapshot["module"])
         for opt, state in zip(trainer.optimizers, self._snapshot["optimizers"], strict=True):
             opt.load_state_dict(state)
+        for callback, (average, state) in zip(_averagers(trainer), self._snapshot["averages"], strict=True):
+            callback._average_model.load_state_dict(average)
+            callback.load_state_dict(state)
         self._lr_scale *= self.lr_factor
         for cfg, state in zip(trainer.lr_scheduler_configs, self._snapshot["schedulers"], strict=True):
             cfg.scheduler.load_state_dict(state)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -69,7 +69,8 @@ class Sampler:
         if grad_clip is not None:
             _check_positive(name, "grad_clip", grad_clip)
         if clamp is not None:
-            if len(clamp) != 2 or not float(clamp[0]) < float(clamp[1]):
+            pair = isinstance(clamp, Sequence) and not isinstance(clamp, str) and len(clamp) == 2
+            if not pair or not float(clamp[0]) < float(clamp[1]):
                 raise ValueError(f"{name}: clamp must be a pair (low, high) with low < high, got {clamp!r}")
             clamp = (float(clamp[0]), float(clamp[1]))
         self.grad_clip = grad_clip

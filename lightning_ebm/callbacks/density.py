@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import density
 from ..metrics import mmd_rbf
-from .logging import log_image
+from .logging import EveryNSteps, log_image
 
 __all__ = ["DensityPanel2D", "LongRunDiagnostic", "density_metrics", "density_figure"]
 
@@ -107,7 +107,7 @@ def density_figure(bounds: Sequence[float], size: int, log_data: Tensor | None, 
     return fig
 
 
-class DensityPanel2D(L.Callback):
+class DensityPanel2D(EveryNSteps):
     """Every ``every_n_steps`` training steps (and at the end of training): data | generator q | exp(-E)/Z.
 
     On a ``grid_size x grid_size`` grid over ``bounds`` (default: the held-out data's box plus
@@ -137,17 +137,16 @@ class DensityPanel2D(L.Callback):
         num_probes: int = 1,
         batch_size: int = 4096,
     ) -> None:
-        for name, value in (("every_n_steps", every_n_steps), ("grid_size", grid_size),
-                            ("batch_size", batch_size)):
+        super().__init__(every_n_steps)
+        for name, value in (("grid_size", grid_size), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"DensityPanel2D: {name} must be a positive integer, got {value!r}")
         if bounds is not None and (len(bounds) != 4 or not (bounds[0] < bounds[1] and bounds[2] < bounds[3])):
             raise ValueError(f"DensityPanel2D: bounds must be (xmin, xmax, ymin, ymax), increasing, "
                              f"got {bounds!r}")
         density.resolve_trace(trace, 2)
-        self.every_n_steps, self.bounds, self.grid_size = every_n_steps, bounds, grid_size
+        self.bounds, self.grid_size = bounds, grid_size
         self.trace, self.num_probes, self.batch_size = trace, num_probes, batch_size
-        self.logged_steps: list[int] = []
         self.last_metrics: dict[str, float] = {}
 
     def compute(self, trainer: L.Trainer, pl_module: Any) -> tuple[Figure, dict[str, float]]:
@@ -180,10 +179,9 @@ class DensityPanel2D(L.Callback):
                              title=f"step {trainer.global_step}")
         return fig, metrics
 
-    def _log(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.global_step in self.logged_steps or not trainer.is_global_zero:
+    def log_now(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
             return
-        self.logged_steps.append(trainer.global_step)
         try:
             fig, metrics = self.compute(trainer, pl_module)
         except ValueError as err:
@@ -195,16 +193,8 @@ class DensityPanel2D(L.Callback):
         _log_metrics(trainer, {f"density/{k}": v for k, v in metrics.items()})
         log_image(trainer, "density_2d", fig)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self._log(trainer, pl_module)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self._log(trainer, pl_module)
-
-
-class LongRunDiagnostic(L.Callback):
+class LongRunDiagnostic(EveryNSteps):
     """Run the generator's dynamics far longer than training does and log where the samples go.
 
     From the same fixed latents every time, the dynamics are continued to ``multiples`` times
@@ -225,15 +215,14 @@ class LongRunDiagnostic(L.Callback):
 
     def __init__(self, every_n_steps: int = 1000, multiples: Sequence[int] = (10, 100),
                  num_samples: int = 1000, seed: int = 0) -> None:
-        for name, value in (("every_n_steps", every_n_steps), ("num_samples", num_samples)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"LongRunDiagnostic: {name} must be a positive integer, got {value!r}")
+        super().__init__(every_n_steps)
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"LongRunDiagnostic: num_samples must be a positive integer, got {num_samples!r}")
         multiples = tuple(multiples)
         if not multiples or any(not isinstance(m, int) or m < 2 for m in multiples):
             raise ValueError(f"LongRunDiagnostic: multiples must be integers >= 2, got {multiples!r}")
-        self.every_n_steps, self.num_samples, self.seed = every_n_steps, num_samples, seed
+        self.num_samples, self.seed = num_samples, seed
         self.multiples = tuple(sorted(set(multiples)))
-        self.logged_steps: list[int] = []
         self.last_metrics: dict[str, float] = {}
 
     @torch.no_grad()
@@ -293,20 +282,11 @@ class LongRunDiagnostic(L.Callback):
         fig.suptitle(f"long runs of the dynamics, step {step}", fontsize=10)
         return fig
 
-    def _log(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.global_step in self.logged_steps or not trainer.is_global_zero:
+    def log_now(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero:
             return
-        self.logged_steps.append(trainer.global_step)
         fig, metrics = self.compute(trainer, pl_module)
         self.last_metrics = metrics
         _log_metrics(trainer, metrics)
         if fig is not None:
             log_image(trainer, "longrun", fig)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self._log(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self._log(trainer, pl_module)

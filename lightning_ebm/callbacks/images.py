@@ -10,7 +10,7 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from .ema import averaged_weights
-from .logging import log_image
+from .logging import EveryNSteps, log_image
 
 __all__ = ["SampleGrid", "image_grid"]
 
@@ -32,7 +32,7 @@ def image_grid(
     return make_grid(x, nrow=nrow, padding=max(1, pixel_scale // 2), pad_value=0.5)
 
 
-class SampleGrid(L.Callback):
+class SampleGrid(EveryNSteps):
     """Every ``every_n_steps`` training steps (and at the end of training) log two pictures.
 
     * ``samples``: a grid of ``num_samples`` generated images ``G(z)``;
@@ -63,9 +63,9 @@ class SampleGrid(L.Callback):
         pixel_scale: int | None = None,
         seed: int = 0,
     ) -> None:
-        for name, value in (("every_n_steps", every_n_steps), ("num_samples", num_samples)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"SampleGrid: {name} must be a positive integer, got {value!r}")
+        super().__init__(every_n_steps)
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"SampleGrid: num_samples must be a positive integer, got {num_samples!r}")
         if not isinstance(num_chains, int) or num_chains < 0:
             raise ValueError(f"SampleGrid: num_chains must be an integer >= 0, got {num_chains!r}")
         if not isinstance(num_frames, int) or num_frames < 2:
@@ -76,10 +76,9 @@ class SampleGrid(L.Callback):
         if pixel_scale is not None and (not isinstance(pixel_scale, int) or pixel_scale < 1):
             raise ValueError(f"SampleGrid: pixel_scale must be a positive integer or None, got "
                              f"{pixel_scale!r}")
-        self.every_n_steps, self.num_samples, self.num_chains = every_n_steps, num_samples, num_chains
+        self.num_samples, self.num_chains = num_samples, num_chains
         self.num_frames, self.value_range = num_frames, value_range
         self.pixel_scale, self.seed = pixel_scale, seed
-        self.logged_steps: list[int] = []
 
     def make_images(self, pl_module: Any) -> tuple[Tensor, Tensor | None]:
         """The sample grid and the dynamics strip (``None`` without chains), ``(3, H, W)`` in [0, 1]."""
@@ -100,10 +99,7 @@ class SampleGrid(L.Callback):
             strip = image_grid(tiles, nrow=len(frames), value_range=self.value_range, pixel_scale=scale)
         return grid, strip
 
-    def _log(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.global_step in self.logged_steps:
-            return
-        self.logged_steps.append(trainer.global_step)
+    def log_now(self, trainer: L.Trainer, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
         with averaged_weights(trainer, pl_module):
@@ -111,12 +107,3 @@ class SampleGrid(L.Callback):
         log_image(trainer, "samples", grid)
         if strip is not None:
             log_image(trainer, "dynamics", strip)
-
-    def on_train_batch_end(
-        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self._log(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self._log(trainer, pl_module)

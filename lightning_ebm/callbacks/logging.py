@@ -13,7 +13,36 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["log_image", "figure_to_array", "run_dir"]
+__all__ = ["log_image", "figure_to_array", "run_dir", "EveryNSteps"]
+
+
+class EveryNSteps(L.Callback):
+    """Base of the picture and diagnostic callbacks: ``log_now`` every ``every_n_steps`` training
+    steps and once more at the end of training, at most once per global step (those steps are
+    recorded in ``logged_steps``). ``log_now`` runs on every rank; it decides who logs."""
+
+    def __init__(self, every_n_steps: int) -> None:
+        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
+            raise ValueError(f"{type(self).__name__}: every_n_steps must be a positive integer, "
+                             f"got {every_n_steps!r}")
+        self.every_n_steps = every_n_steps
+        self.logged_steps: list[int] = []
+
+    def log_now(self, trainer: L.Trainer, pl_module: Any) -> None:
+        raise NotImplementedError
+
+    def _log_once(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if trainer.global_step not in self.logged_steps:
+            self.logged_steps.append(trainer.global_step)
+            self.log_now(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps == 0:
+            self._log_once(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._log_once(trainer, pl_module)
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:

@@ -9,7 +9,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .logging import log_image
+from .logging import EveryNSteps, log_image
 
 __all__ = ["Plot2D", "energy_on_grid", "plot_2d"]
 
@@ -80,7 +80,7 @@ def plot_2d(
     return fig
 
 
-class Plot2D(L.Callback):
+class Plot2D(EveryNSteps):
     """Every ``every_n_steps`` training steps (and at the end of training) log a 2-D picture.
 
     The picture shows held-out data (from the DataModule's ``val_data`` when it has one) against
@@ -98,15 +98,14 @@ class Plot2D(L.Callback):
         bounds: tuple[float, float, float, float] | None = None,
         seed: int = 0,
     ) -> None:
-        for name, value in (("every_n_steps", every_n_steps), ("num_samples", num_samples),
-                            ("grid_size", grid_size)):
+        super().__init__(every_n_steps)
+        for name, value in (("num_samples", num_samples), ("grid_size", grid_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Plot2D: {name} must be a positive integer, got {value!r}")
         if not isinstance(num_trajectories, int) or num_trajectories < 0:
             raise ValueError(f"Plot2D: num_trajectories must be an integer >= 0, got {num_trajectories!r}")
-        self.every_n_steps, self.num_samples, self.num_trajectories = every_n_steps, num_samples, num_trajectories
+        self.num_samples, self.num_trajectories = num_samples, num_trajectories
         self.grid_size, self.bounds, self.seed = grid_size, bounds, seed
-        self.logged_steps: list[int] = []
 
     def make_figure(self, trainer: L.Trainer, pl_module: Any) -> Figure:
         if tuple(pl_module.latent.shape) != (2,):
@@ -122,16 +121,6 @@ class Plot2D(L.Callback):
         return plot_2d(pl_module.energy, x, data, trajectories, self.bounds, self.grid_size,
                        title=f"step {trainer.global_step}")
 
-    def _log(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.global_step in self.logged_steps:
-            return
+    def log_now(self, trainer: L.Trainer, pl_module: Any) -> None:
         fig = self.make_figure(trainer, pl_module)  # every rank samples (cheap); rank 0 logs
         log_image(trainer, "samples_2d", fig)
-        self.logged_steps.append(trainer.global_step)
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0:
-            self._log(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        self._log(trainer, pl_module)

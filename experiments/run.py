@@ -96,7 +96,8 @@ def execute_all(runs: list[Run], jobs: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------ experiments
-NOISE_2D = (0.0, 0.005, 0.01, 0.03)
+# 0.316 ~ sqrt(2 * 0.05): exact Langevin at temperature 1 for the recipe's step size 0.05
+NOISE_2D = (0.0, 0.01, 0.03, 0.1, 0.316)
 
 
 def noise_runs(seeds: list[int], levels: tuple[float, ...] = NOISE_2D) -> list[Run]:
@@ -165,6 +166,40 @@ def summarise_density(results: list[dict], out: Path) -> None:
 
 
 # ------------------------------------------------------------------ summaries
+def data_floor(config: str = "configs/toy2d.yaml", draws: int = 20) -> dict[str, float]:
+    """Spread of the data-vs-data MMD and sliced Wasserstein at the validation sample size.
+
+    Every run logs the floor of one fixed split of its held-out data; how much that statistic
+    varies between independent data samples says which differences between runs are real.
+    """
+    import yaml
+
+    from lightning_ebm.data.toy import sample_toy
+    from lightning_ebm.metrics import mmd_rbf, sliced_wasserstein
+
+    data_args = yaml.safe_load((ROOT / config).read_text())["data"]["init_args"]
+    n = min(data_args["num_val"], 4000) // 2  # EBM.val_max_samples (4000) split in halves
+    mmd, sw = [], []
+    for draw in range(draws):
+        data = sample_toy(data_args["name"], 2 * n, seed=10_000 + draw)
+        mmd.append(float(mmd_rbf(data[:n], data[n:])))
+        sw.append(float(sliced_wasserstein(data[:n], data[n:])))
+    return {"n": n, "draws": draws, "mmd_mean": statistics.fmean(mmd), "mmd_std": statistics.stdev(mmd),
+            "mmd_min": min(mmd), "mmd_max": max(mmd), "sw_mean": statistics.fmean(sw),
+            "sw_std": statistics.stdev(sw), "sw_min": min(sw), "sw_max": max(sw)}
+
+
+def write_floor(floor: dict[str, float], out: Path) -> None:
+    (out / "floor.json").write_text(json.dumps(floor, indent=1))
+    line = (f"\nData vs data over {floor['draws']} independent pairs of {floor['n']} points: "
+            f"MMD {floor['mmd_mean']:.4f} ± {floor['mmd_std']:.4f} (range {floor['mmd_min']:.4f}–"
+            f"{floor['mmd_max']:.4f}), sliced W {floor['sw_mean']:.4f} ± {floor['sw_std']:.4f} "
+            f"(range {floor['sw_min']:.4f}–{floor['sw_max']:.4f}).\n")
+    with open(out / "table.md", "a") as f:
+        f.write(line)
+    print(line)
+
+
 METRICS = ("val/mmd", "val/sw", "val/mmd_floor", "val/sw_floor", "train/nfe", "wall_s")
 
 
@@ -203,21 +238,25 @@ def summarise(results: list[dict], group: str, out: Path) -> list[dict]:
     return rows
 
 
-def plot_noise(rows: list[dict], out: Path) -> Path:
+def plot_noise(rows: list[dict], floor: dict[str, float], out: Path) -> Path:
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 3.6), dpi=110)
     axes = fig.subplots(1, 2)
     x = [r["noise_std"] for r in rows]
-    for ax, metric, title in zip(axes, ("val/mmd", "val/sw"), ("MMD (median heuristic)", "sliced Wasserstein"),
-                                 strict=True):
+    for ax, metric, key, title in zip(axes, ("val/mmd", "val/sw"), ("mmd", "sw"),
+                                      ("MMD (median heuristic)", "sliced Wasserstein"), strict=True):
         ax.errorbar(x, [r[f"{metric}_mean"] for r in rows], yerr=[r[f"{metric}_std"] for r in rows],
-                    marker="o", capsize=4, label="generator")
-        floor = statistics.fmean(r[f"{metric}_floor_mean"] for r in rows)
-        ax.axhline(floor, ls="--", c="grey", label="data vs data floor")
+                    marker="o", capsize=4, label="generator (mean ± std over seeds)")
+        mean, std = floor[f"{key}_mean"], floor[f"{key}_std"]
+        ax.axhspan(mean - std, mean + std, color="grey", alpha=0.25, lw=0,
+                   label=f"data vs data, mean ± std of {floor['draws']} draws")
+        ax.axhline(mean, ls="--", c="grey", lw=1)
+        ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xticks(x, [f"{v:g}" for v in x])
         ax.set_xlabel("Langevin noise_std (0 = gradient descent)")
         ax.set_title(title)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle("8gaussians, configs/toy2d.yaml (1000 steps, 60 dynamics steps of 0.05); mean ± std over seeds")
     fig.tight_layout()
     path = out / "noise.png"
@@ -238,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--density_ode", action="store_true", help="also run the ODE generator in 'density'")
     parser.add_argument("--density_config", default="configs/toy2d_density.yaml",
                         help="config of the gradient-descent runs of 'density'")
+    parser.add_argument("--floor_draws", type=int, default=20,
+                        help="independent data-vs-data pairs behind the floor's spread in the tables and plot")
     parser.add_argument("--out", type=Path, default=None, help="results directory (default experiments/results)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="overrides appended to every run (e.g. --trainer.max_steps=100)")
@@ -249,12 +290,15 @@ def main(argv: list[str] | None = None) -> None:
         for run in runs:
             run.overrides += args.extra
         rows = summarise(execute_all(runs, args.jobs), "noise_std", RESULTS / "noise")
-        print("plot:", plot_noise(rows, RESULTS / "noise"))
+        floor = data_floor(draws=args.floor_draws)
+        write_floor(floor, RESULTS / "noise")
+        print("plot:", plot_noise(rows, floor, RESULTS / "noise"))
     if args.experiment in ("ode", "all"):
         runs = ode_runs(args.seeds)
         for run in runs:
             run.overrides += args.extra
         summarise(execute_all(runs, args.jobs), "sampler", RESULTS / "ode")
+        write_floor(data_floor(draws=args.floor_draws), RESULTS / "ode")
     if args.experiment in ("density", "all"):
         runs = density_runs(args.seeds[:1], tuple(args.datasets), args.density_ode, args.density_config)
         for run in runs:

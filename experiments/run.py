@@ -1,6 +1,7 @@
 """Reproduce the paper's findings with lightning_ebm: one driver, results as CSV and PNG.
 
     python experiments/run.py noise      # GradientDescent vs Langevin at several noise levels, 3 seeds
+    python experiments/run.py noise_digits --seeds 0 1   # the same on the embedded digits (digits FID)
     python experiments/run.py ode        # GradientDescent vs ODE (rk4, dopri5) at equal gradient budgets
     python experiments/run.py density    # data | generator q | exp(-E)/Z on three toy sets (first seed)
     python experiments/run.py all
@@ -100,7 +101,11 @@ def execute_all(runs: list[Run], jobs: int) -> list[dict]:
 NOISE_2D = (0.0, 0.01, 0.03, 0.1, 0.316)
 
 
-def noise_runs(seeds: list[int], levels: tuple[float, ...] = NOISE_2D) -> list[Run]:
+NOISE_DIGITS = (0.0, 0.005, 0.01)
+
+
+def noise_runs(seeds: list[int], levels: tuple[float, ...] = NOISE_2D, experiment: str = "noise",
+               config: str = "configs/toy2d.yaml") -> list[Run]:
     runs = []
     for noise in levels:
         for seed in seeds:
@@ -109,12 +114,12 @@ def noise_runs(seeds: list[int], levels: tuple[float, ...] = NOISE_2D) -> list[R
             else:
                 sampler = ["--model.init_args.sampler.class_path=lightning_ebm.samplers.Langevin",
                            f"--model.init_args.sampler.init_args.noise_std={noise}"]
-            runs.append(Run("noise", f"noise{noise}_seed{seed}", "configs/toy2d.yaml",
+            runs.append(Run(experiment, f"noise{noise}_seed{seed}", config,
                             [f"--seed_everything={seed}", *sampler], {"noise_std": noise, "seed": seed}))
     return runs
 
 
-def ode_runs(seeds: list[int]) -> list[Run]:
+def ode_runs(seeds: list[int], config: str = "configs/toy2d.yaml") -> list[Run]:
     """60 gradient evaluations per sample each: GD 60 x 0.05; rk4 15 steps of 0.2; dopri5 adaptive."""
     variants = {
         "gd": [],
@@ -124,7 +129,7 @@ def ode_runs(seeds: list[int]) -> list[Run]:
                    "--model.init_args.sampler.init_args.t_end=3.0", "--model.init_args.sampler.init_args.method=dopri5",
                    "--model.init_args.sampler.init_args.rtol=1e-2", "--model.init_args.sampler.init_args.atol=1e-2"],
     }
-    return [Run("ode", f"{name}_seed{seed}", "configs/toy2d.yaml", [f"--seed_everything={seed}", *overrides],
+    return [Run("ode", f"{name}_seed{seed}", config, [f"--seed_everything={seed}", *overrides],
                 {"sampler": name, "seed": seed})
             for name, overrides in variants.items() for seed in seeds]
 
@@ -200,10 +205,16 @@ def write_floor(floor: dict[str, float], out: Path) -> None:
     print(line)
 
 
-METRICS = ("val/mmd", "val/sw", "val/mmd_floor", "val/sw_floor", "train/nfe", "wall_s")
+METRICS = ("val/mmd", "val/sw", "val/mmd_floor", "val/sw_floor", "val/fid", "val/kid_mean", "val/is_mean",
+           "train/nfe", "wall_s")
+COLUMNS_2D = (("val/mmd", "MMD", 4), ("val/mmd_floor", "MMD floor", 4), ("val/sw", "sliced W", 4),
+              ("val/sw_floor", "SW floor", 4), ("train/nfe", "grad evals", 0), ("wall_s", "wall (s)", 0))
+COLUMNS_IMAGES = (("val/fid", "digits FID", 2), ("val/kid_mean", "KID", 4), ("val/is_mean", "IS", 2),
+                  ("wall_s", "wall (s)", 0))
 
 
-def summarise(results: list[dict], group: str, out: Path) -> list[dict]:
+def summarise(results: list[dict], group: str, out: Path,
+              columns: tuple[tuple[str, str, int], ...] = COLUMNS_2D) -> list[dict]:
     """Mean and standard deviation over seeds of each metric, per value of ``group``."""
     rows = []
     for key in dict.fromkeys(r[group] for r in results):
@@ -224,15 +235,14 @@ def summarise(results: list[dict], group: str, out: Path) -> list[dict]:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(results)
-    lines = [f"| {group} | runs | MMD | MMD floor | sliced W | SW floor | grad evals | wall (s) |",
-             "|---|---|---|---|---|---|---|---|"]
-    def cell(r: dict, m: str, digits: int = 4) -> str:
+    def cell(r: dict, m: str, digits: int) -> str:
         return f"{r[f'{m}_mean']:.{digits}f} ± {r[f'{m}_std']:.{digits}f}" if f"{m}_mean" in r else "-"
 
+    lines = ["| " + " | ".join([group, "runs", *(label for _, label, _ in columns)]) + " |",
+             "|" + "---|" * (len(columns) + 2)]
     for r in rows:
-        lines.append(f"| {r[group]} | {r['runs']} | {cell(r, 'val/mmd')} | {cell(r, 'val/mmd_floor')} "
-                     f"| {cell(r, 'val/sw')} | {cell(r, 'val/sw_floor')} | {cell(r, 'train/nfe', 0)} "
-                     f"| {cell(r, 'wall_s', 0)} |")
+        lines.append("| " + " | ".join([str(r[group]), str(r["runs"]),
+                                        *(cell(r, m, d) for m, _, d in columns)]) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return rows
@@ -264,16 +274,38 @@ def plot_noise(rows: list[dict], floor: dict[str, float], out: Path) -> Path:
     return path
 
 
+def plot_noise_digits(rows: list[dict], out: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.8, 3.6), dpi=110)
+    ax = fig.subplots()
+    x = [r["noise_std"] for r in rows]
+    ax.errorbar(x, [r["val/fid_mean"] for r in rows], yerr=[r["val/fid_std"] for r in rows], marker="o",
+                capsize=4)
+    ax.set_xticks(x, [f"{v:g}" for v in x])
+    ax.set_xlabel("Langevin noise_std (0 = gradient descent)")
+    ax.set_ylabel("digits FID (lower is better)")
+    ax.set_title("digits, configs/digits.yaml; mean ± std over seeds", fontsize=9)
+    fig.tight_layout()
+    path = out / "noise_digits.png"
+    fig.savefig(path)
+    return path
+
+
 def main(argv: list[str] | None = None) -> None:
     global RESULTS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["noise", "ode", "density", "all"])
+    parser.add_argument("experiment", choices=["noise", "noise_digits", "ode", "density", "all"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--noise_levels", type=float, nargs="+", default=list(NOISE_2D),
-                        help="Langevin noise_std values of the noise ablation (0 = GradientDescent)")
+    parser.add_argument("--noise_levels", type=float, nargs="+", default=None,
+                        help="Langevin noise_std values of the noise ablations (0 = GradientDescent; default "
+                             f"{NOISE_2D} on 2-D, {NOISE_DIGITS} on digits)")
     parser.add_argument("--jobs", type=int, default=2, help="trainings run at once")
     parser.add_argument("--datasets", nargs="+", default=list(DENSITY_DATASETS),
                         help="toy sets of the density comparison")
+    parser.add_argument("--config", default=None,
+                        help="config of 'noise', 'noise_digits' and 'ode' instead of the shipped "
+                             "configs/toy2d.yaml or configs/digits.yaml")
     parser.add_argument("--density_ode", action="store_true", help="also run the ODE generator in 'density'")
     parser.add_argument("--density_config", default="configs/toy2d_density.yaml",
                         help="config of the gradient-descent runs of 'density'")
@@ -286,15 +318,22 @@ def main(argv: list[str] | None = None) -> None:
     RESULTS = args.out or RESULTS
     start = time.perf_counter()
     if args.experiment in ("noise", "all"):
-        runs = noise_runs(args.seeds, tuple(args.noise_levels))
+        runs = noise_runs(args.seeds, tuple(args.noise_levels or NOISE_2D), config=args.config or "configs/toy2d.yaml")
         for run in runs:
             run.overrides += args.extra
         rows = summarise(execute_all(runs, args.jobs), "noise_std", RESULTS / "noise")
         floor = data_floor(draws=args.floor_draws)
         write_floor(floor, RESULTS / "noise")
         print("plot:", plot_noise(rows, floor, RESULTS / "noise"))
+    if args.experiment in ("noise_digits", "all"):
+        runs = noise_runs(args.seeds, tuple(args.noise_levels or NOISE_DIGITS), "noise_digits",
+                          args.config or "configs/digits.yaml")
+        for run in runs:
+            run.overrides += args.extra
+        rows = summarise(execute_all(runs, args.jobs), "noise_std", RESULTS / "noise_digits", COLUMNS_IMAGES)
+        print("plot:", plot_noise_digits(rows, RESULTS / "noise_digits"))
     if args.experiment in ("ode", "all"):
-        runs = ode_runs(args.seeds)
+        runs = ode_runs(args.seeds, args.config or "configs/toy2d.yaml")
         for run in runs:
             run.overrides += args.extra
         summarise(execute_all(runs, args.jobs), "sampler", RESULTS / "ode")

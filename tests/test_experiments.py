@@ -54,3 +54,19 @@ def test_density_comparison_driver_reports_the_three_kls(tmp_path, capsys):
     kls = [float(c) for c in cells[3:6]]
     assert all(k >= 0 and k == k for k in kls)  # KLs are non-negative numbers, not NaN
     assert (tmp_path / "density" / "checkerboard_gd_seed0_density.png").is_file()
+
+
+def test_digits_noise_ablation_driver_reports_digits_fid(tmp_path):
+    config = (ROOT / "configs" / "digits.yaml").read_text()
+    config = config.replace("num_samples: 1000", "num_samples: 200").replace("kid_subset_size: 300",
+                                                                              "kid_subset_size: 100")
+    (tmp_path / "tiny_digits.yaml").write_text(config)
+    tiny = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--model.init_args.sampler.init_args.steps=2"]
+    driver.main(["noise_digits", "--seeds", "0", "--noise_levels", "0", "0.01", "--jobs", "2", "--out",
+                 str(tmp_path), "--config", str(tmp_path / "tiny_digits.yaml"), "--extra", *tiny])
+    out = tmp_path / "noise_digits"
+    table = (out / "table.md").read_text().splitlines()
+    assert table[0] == "| noise_std | runs | digits FID | KID | IS | wall (s) |"
+    fids = [float(line.split("|")[3].split("±")[0]) for line in table[2:]]
+    assert len(fids) == 2 and all(f > 0 for f in fids)
+    assert (out / "noise_digits.png").read_bytes()[:4] == b"\x89PNG"

@@ -171,7 +171,7 @@ def summarise_density(results: list[dict], out: Path) -> None:
 
 
 # ------------------------------------------------------------------ summaries
-def data_floor(config: str = "configs/toy2d.yaml", draws: int = 20) -> dict[str, float]:
+def data_floor(config: str = "configs/toy2d.yaml", draws: int = 20, dataset: str | None = None) -> dict[str, float]:
     """Spread of the data-vs-data MMD and sliced Wasserstein at the validation sample size.
 
     Every run logs the floor of one fixed split of its held-out data; how much that statistic
@@ -186,17 +186,18 @@ def data_floor(config: str = "configs/toy2d.yaml", draws: int = 20) -> dict[str,
     n = min(data_args["num_val"], 4000) // 2  # EBM.val_max_samples (4000) split in halves
     mmd, sw = [], []
     for draw in range(draws):
-        data = sample_toy(data_args["name"], 2 * n, seed=10_000 + draw)
+        data = sample_toy(dataset or data_args["name"], 2 * n, seed=10_000 + draw)
         mmd.append(float(mmd_rbf(data[:n], data[n:])))
         sw.append(float(sliced_wasserstein(data[:n], data[n:])))
-    return {"n": n, "draws": draws, "mmd_mean": statistics.fmean(mmd), "mmd_std": statistics.stdev(mmd),
+    return {"dataset": dataset or data_args["name"], "n": n, "draws": draws,
+            "mmd_mean": statistics.fmean(mmd), "mmd_std": statistics.stdev(mmd),
             "mmd_min": min(mmd), "mmd_max": max(mmd), "sw_mean": statistics.fmean(sw),
             "sw_std": statistics.stdev(sw), "sw_min": min(sw), "sw_max": max(sw)}
 
 
 def write_floor(floor: dict[str, float], out: Path) -> None:
     (out / "floor.json").write_text(json.dumps(floor, indent=1))
-    line = (f"\nData vs data over {floor['draws']} independent pairs of {floor['n']} points: "
+    line = (f"\nData vs data ({floor['dataset']}) over {floor['draws']} independent pairs of {floor['n']} points: "
             f"MMD {floor['mmd_mean']:.4f} ± {floor['mmd_std']:.4f} (range {floor['mmd_min']:.4f}–"
             f"{floor['mmd_max']:.4f}), sliced W {floor['sw_mean']:.4f} ± {floor['sw_std']:.4f} "
             f"(range {floor['sw_min']:.4f}–{floor['sw_max']:.4f}).\n")
@@ -267,7 +268,7 @@ def plot_noise(rows: list[dict], floor: dict[str, float], out: Path) -> Path:
         ax.set_xlabel("Langevin noise_std (0 = gradient descent)")
         ax.set_title(title)
         ax.legend(fontsize=7)
-    fig.suptitle("8gaussians, configs/toy2d.yaml (1000 steps, 60 dynamics steps of 0.05); mean ± std over seeds")
+    fig.suptitle(f"{floor['dataset']}, same recipe at every noise level; mean ± std over seeds", fontsize=10)
     fig.tight_layout()
     path = out / "noise.png"
     fig.savefig(path)
@@ -306,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=None,
                         help="config of 'noise', 'noise_digits' and 'ode' instead of the shipped "
                              "configs/toy2d.yaml or configs/digits.yaml")
+    parser.add_argument("--dataset", default=None,
+                        help="toy set of 'noise' and 'ode' instead of the config's (8gaussians); use another "
+                             "--out so the results do not mix")
     parser.add_argument("--density_ode", action="store_true", help="also run the ODE generator in 'density'")
     parser.add_argument("--density_config", default="configs/toy2d_density.yaml",
                         help="config of the gradient-descent runs of 'density'")
@@ -316,13 +320,16 @@ def main(argv: list[str] | None = None) -> None:
                         help="overrides appended to every run (e.g. --trainer.max_steps=100)")
     args = parser.parse_args(argv)
     RESULTS = args.out or RESULTS
+    toy_config = args.config or "configs/toy2d.yaml"
+    if args.dataset is not None:
+        args.extra = [f"--data.init_args.name={args.dataset}", *args.extra]
     start = time.perf_counter()
     if args.experiment in ("noise", "all"):
-        runs = noise_runs(args.seeds, tuple(args.noise_levels or NOISE_2D), config=args.config or "configs/toy2d.yaml")
+        runs = noise_runs(args.seeds, tuple(args.noise_levels or NOISE_2D), config=toy_config)
         for run in runs:
             run.overrides += args.extra
         rows = summarise(execute_all(runs, args.jobs), "noise_std", RESULTS / "noise")
-        floor = data_floor(draws=args.floor_draws)
+        floor = data_floor(toy_config, args.floor_draws, args.dataset)
         write_floor(floor, RESULTS / "noise")
         print("plot:", plot_noise(rows, floor, RESULTS / "noise"))
     if args.experiment in ("noise_digits", "all"):
@@ -333,11 +340,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = summarise(execute_all(runs, args.jobs), "noise_std", RESULTS / "noise_digits", COLUMNS_IMAGES)
         print("plot:", plot_noise_digits(rows, RESULTS / "noise_digits"))
     if args.experiment in ("ode", "all"):
-        runs = ode_runs(args.seeds, args.config or "configs/toy2d.yaml")
+        runs = ode_runs(args.seeds, toy_config)
         for run in runs:
             run.overrides += args.extra
         summarise(execute_all(runs, args.jobs), "sampler", RESULTS / "ode")
-        write_floor(data_floor(draws=args.floor_draws), RESULTS / "ode")
+        write_floor(data_floor(toy_config, args.floor_draws, args.dataset), RESULTS / "ode")
     if args.experiment in ("density", "all"):
         runs = density_runs(args.seeds[:1], tuple(args.datasets), args.density_ode, args.density_config)
         for run in runs:

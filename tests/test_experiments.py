@@ -19,17 +19,18 @@ TINY = ["--trainer.max_steps=4", "--trainer.val_check_interval=2", "--data.init_
 
 def test_noise_ablation_driver_writes_results_and_resumes(tmp_path, capsys):
     args = ["noise", "--seeds", "0", "--noise_levels", "0", "0.01", "--jobs", "2", "--out", str(tmp_path),
-            "--floor_draws", "3", "--extra", *TINY]
+            "--floor_draws", "3", "--dataset", "checkerboard", "--extra", *TINY]
     driver.main(args)
     first = capsys.readouterr().out
-    assert first.count("$ -m lightning_ebm.cli fit") == 2
+    assert first.count("$ -m lightning_ebm.cli fit") == 2 and first.count("--data.init_args.name=checkerboard") == 2
     out = tmp_path / "noise"
     with open(out / "summary.csv") as f:
         rows = list(csv.DictReader(f))
     assert [float(r["noise_std"]) for r in rows] == [0.0, 0.01]
     assert all(float(r["val/mmd_mean"]) > 0 and float(r["val/mmd_floor_mean"]) > 0 for r in rows)
     table = (out / "table.md").read_text()
-    assert table.startswith("| noise_std |") and "Data vs data over 3 independent pairs of 2000 points" in table
+    assert table.startswith("| noise_std |")
+    assert "Data vs data (checkerboard) over 3 independent pairs of 2000 points" in table
     floor = json.loads((out / "floor.json").read_text())
     assert floor["mmd_min"] <= floor["mmd_mean"] <= floor["mmd_max"] and floor["mmd_std"] > 0
     assert (out / "noise.png").read_bytes()[:4] == b"\x89PNG"

@@ -28,11 +28,14 @@ def test_noise_ablation_driver_writes_results_and_resumes(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert [float(r["noise_std"]) for r in rows] == [0.0, 0.01]
     assert all(float(r["val/mmd_mean"]) > 0 and float(r["val/mmd_floor_mean"]) > 0 for r in rows)
+    # the narrow-kernel MMD of the final generator, computed once by the driver after training
+    assert all(float(r["eval/mmd_h0.25_mean"]) > 0 for r in rows)
     table = (out / "table.md").read_text()
     assert table.startswith("| noise_std |")
     assert "Data vs data (checkerboard) over 3 independent pairs of 2000 points" in table
     floor = json.loads((out / "floor.json").read_text())
     assert floor["mmd_min"] <= floor["mmd_mean"] <= floor["mmd_max"] and floor["mmd_std"] > 0
+    assert floor["local_min"] <= floor["local_mean"] <= floor["local_max"] and floor["local_std"] > 0
     assert (out / "noise.png").read_bytes()[:4] == b"\x89PNG"
     stamps = {p: p.stat().st_mtime for p in out.glob("*/result.json")}
     driver.main(args)  # everything is done: nothing runs again

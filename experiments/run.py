@@ -306,6 +306,7 @@ def plot_noise(rows: list[dict], floor: dict[str, float], out: Path) -> Path:
                    label=f"data vs data, mean ± std of {floor['draws']} draws")
         ax.axhline(mean, ls="--", c="grey", lw=1)
         ax.set_xscale("symlog", linthresh=0.01)
+        ax.set_xlim(-0.002, 1.3 * max(x))
         ax.set_xticks(x, [f"{v:g}" for v in x])
         ax.set_xlabel("Langevin noise_std (0 = gradient descent)")
         ax.set_title(title)

@@ -28,9 +28,8 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
-from .energies import check_energy_output
 from .latents import Latent
-from .samplers import ODE, GradientDescent, Sampler
+from .samplers import ODE, GradientDescent, Sampler, energy_grad
 
 __all__ = [
     "TRACE_METHODS",
@@ -79,14 +78,6 @@ def rademacher(num_probes: int, like: Tensor, generator: torch.Generator | None 
     return bits.to(like.dtype) * 2 - 1
 
 
-def _grad_with_graph(energy: nn.Module, x: Tensor) -> Tensor:
-    """``grad E(x)`` for a leaf ``x`` that requires grad, keeping the graph for second derivatives."""
-    e = energy(x)
-    check_energy_output(e, x)
-    (g,) = torch.autograd.grad(e.sum(), x, create_graph=True)
-    return g
-
-
 def _hvp(g: Tensor, x: Tensor, v: Tensor) -> Tensor:
     """Hessian-vector product ``H v`` per sample, from ``g = grad E(x)`` built with a graph."""
     (hv,) = torch.autograd.grad(g, x, grad_outputs=v, retain_graph=True)
@@ -113,7 +104,7 @@ def hessian(energy: nn.Module, x: Tensor) -> Tensor:
     _check_autograd("hessian")
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        return _hessian_from_grad(_grad_with_graph(energy, x), x).detach()
+        return _hessian_from_grad(energy_grad(energy, x, create_graph=True), x).detach()
 
 
 def _trace_from_grad(g: Tensor, x: Tensor, trace: str, probes: Tensor | None) -> Tensor:
@@ -133,7 +124,7 @@ def laplacian(energy: nn.Module, x: Tensor, trace: str = "exact", probes: Tensor
         raise ValueError("laplacian(trace='hutchinson') needs probes (see rademacher)")
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        return _trace_from_grad(_grad_with_graph(energy, x), x, trace, probes).detach()
+        return _trace_from_grad(energy_grad(energy, x, create_graph=True), x, trace, probes).detach()
 
 
 def _logdet_from_grad(g: Tensor, x: Tensor, step_size: float, trace: str, probes: Tensor | None,
@@ -168,7 +159,7 @@ def logdet_descent_step(energy: nn.Module, x: Tensor, step_size: float, trace: s
         raise ValueError("logdet_descent_step(trace='hutchinson') needs probes (see rademacher)")
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
-        g = _grad_with_graph(energy, x)
+        g = energy_grad(energy, x, create_graph=True)
         return _logdet_from_grad(g, x, step_size, trace, probes, series_terms)[0].detach()
 
 
@@ -222,7 +213,7 @@ class _FlowWithLogDensity(nn.Module):
     def forward(self, t: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         with torch.enable_grad():
             x = state[0].detach().requires_grad_(True)
-            g = _grad_with_graph(self.energy, x)
+            g = energy_grad(self.energy, x, create_graph=True)
             lap = _trace_from_grad(g, x, self.trace, self.probes)
         return -self.direction * g.detach(), lap.detach()
 
@@ -292,7 +283,7 @@ def sample_with_log_prob(
     for _ in range(sampler.steps):
         with torch.enable_grad():
             xk = x.detach().requires_grad_(True)
-            g = _grad_with_graph(energy, xk)
+            g = energy_grad(energy, xk, create_graph=True)
             logdet, sign = _logdet_from_grad(g, xk, s, trace, probes, series_terms)
         total = total + logdet.detach()
         folded = folded | (sign <= 0)
@@ -329,10 +320,10 @@ def invert_descent_step(
     """
     tol = _default_tol(y.dtype) if tol is None else tol
     y = y.detach()
-    x = y + step_size * _grad(energy, y)
+    x = y + step_size * energy_grad(energy, y)
     delta = None
     for _ in range(max_iter):
-        x_new = y + step_size * _grad(energy, x)
+        x_new = y + step_size * energy_grad(energy, x)
         delta = (x_new - x).flatten(1).abs().amax(1)
         x = x_new
         if bool((delta <= tol * (1 + x.flatten(1).abs().amax(1))).all()):
@@ -350,12 +341,6 @@ def invert_descent_step(
     )
 
 
-def _grad(energy: nn.Module, x: Tensor) -> Tensor:
-    with torch.enable_grad():
-        x = x.detach().requires_grad_(True)
-        e = energy(x)
-        check_energy_output(e, x)
-        return torch.autograd.grad(e.sum(), x)[0]
 
 
 def log_prob(
@@ -388,7 +373,8 @@ def log_prob(
                                 num_steps=sampler.steps)
         with torch.enable_grad():
             xk = x.detach().requires_grad_(True)
-            logdet, _ = _logdet_from_grad(_grad_with_graph(energy, xk), xk, s, trace, probes, series_terms)
+            g = energy_grad(energy, xk, create_graph=True)
+            logdet, _ = _logdet_from_grad(g, xk, s, trace, probes, series_terms)
         total = total + logdet.detach()
     return latent.log_prob(x) - total
 

@@ -9,6 +9,8 @@ Submodules and ``EBM`` are imported on first use, so that ``import lightning_ebm
 from __future__ import annotations
 
 import importlib
+import logging
+import warnings
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -20,6 +22,26 @@ __all__ = ["EBM", *_SUBMODULES, "__version__"]
 if TYPE_CHECKING:  # for type checkers and IDEs: the names ``__getattr__`` provides
     from . import callbacks, data, density, energies, latents, metrics, samplers  # noqa: F401
     from .module import EBM  # noqa: F401
+
+
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "try installing [litlogger]" not in str(record.msg)
+
+
+def _quiet_known_noise() -> None:
+    """Silence two messages that every run printed and that no user can act on: Lightning 2.6's own use
+    of torch's deprecated ``isinstance(treespec, LeafSpec)`` (a FutureWarning from Lightning's code,
+    fixed upstream, not ours to change) and its advertisement for a cloud logger. Nothing else."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning,
+                            module=r"lightning\.pytorch\.utilities\._pytree")
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLitLoggerTip) for f in logger.filters):
+            logger.addFilter(_DropLitLoggerTip())
+
+
+_quiet_known_noise()
 
 
 def __getattr__(name: str) -> Any:

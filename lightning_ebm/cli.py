@@ -14,12 +14,12 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+import fsspec
 import lightning as L
 import numpy as np
 import torch
-import fsspec
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
@@ -48,9 +48,37 @@ def _debug() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
+#: packages whose classes the help counts instead of listing (they are not energies, samplers or latents)
+_LIBRARIES = frozenset({"lightning_ebm", "torch", "torchvision", "torchmetrics", "torchdiffeq", "torch_fidelity",
+                        "lightning", "pytorch_lightning", "lightning_fabric", "wandb", "tensorboardX"})
+
+
+class EBMHelpFormatter(DefaultHelpFormatter):
+    """jsonargparse's help with "known subclasses" lists led by this library's classes and the user's,
+    and the dozens of torch classes (every ``nn.Module`` torch defines) cut to a count."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = super()._get_help_string(action)
+        if not text or "known subclasses: " not in text:
+            return text
+        head, tail = text.split("known subclasses: ", 1)
+        listed, close = (tail[:-1], ")") if tail.endswith(")") else (tail, "")
+        paths = [p.strip() for p in listed.split(",") if p.strip()]
+        ours = [p for p in paths if p.startswith("lightning_ebm.")]
+        users = [p for p in paths if p.split(".", 1)[0] not in _LIBRARIES]
+        others = len(paths) - len(ours) - len(users)
+        shown = ours + users
+        more = f"and {others} from torch and other libraries" if others else ""
+        return head + "known subclasses: " + ", ".join([*shown, more] if more else shown) + close
+
+
 class EBMArgumentParser(LightningArgumentParser):
     """Lightning's parser whose errors are raised as one short ``ConfigError`` (the console prints it),
     without the usage block and jsonargparse's Union-subtype noise; ``--debug`` keeps them whole."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", EBMHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if _debug() or not self.exit_on_error:
@@ -167,9 +195,16 @@ class EBMCLI(LightningCLI):
             **kwargs,
         )
 
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--num_threads", type=int | None, default=None,
+            help="torch's intra-op CPU threads (torch.set_num_threads); null: torch's default, one per core. "
+                 "Small models (the 2-D recipes) run fastest with 1 on a CPU that other jobs share.")
+
     def instantiate_classes(self) -> None:
         """Build the config's objects; a constructor's error becomes one ``ConfigError`` naming the key."""
         self._check_ckpt_path()
+        self._set_threads()
         if _debug():
             return super().instantiate_classes()
         try:
@@ -178,6 +213,24 @@ class EBMCLI(LightningCLI):
             raise
         except Exception as err:
             raise config_error(err, self.config.get(str(self.subcommand), self.config)) from err
+
+    def _set_threads(self) -> None:
+        config = self.config.get(str(self.subcommand), self.config)
+        threads = config.get("num_threads")
+        if threads is not None:
+            if isinstance(threads, bool) or threads < 1:
+                raise ConfigError(f"--num_threads must be a positive integer or null, got {threads!r}")
+            torch.set_num_threads(threads)
+
+    def after_fit(self) -> None:
+        """Validate at the last step if the schedule did not, then print where the run's results are."""
+        trainer = self.trainer
+        if trainer.interrupted:
+            return
+        if _wants_final_validation(trainer, self._last_validation.step):
+            trainer.validate(self.model, datamodule=self.datamodule, verbose=False)
+        if trainer.is_global_zero:
+            print(run_summary(trainer), flush=True)
 
     def _check_ckpt_path(self) -> None:
         config = self.config.get(str(self.subcommand), None) if self.subcommand else None
@@ -195,7 +248,72 @@ class EBMCLI(LightningCLI):
             plugins = [] if plugins is None else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # crash-safe unless the user chose a writer
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        self._last_validation = _LastValidation()
+        trainer.callbacks.append(self._last_validation)
+        return trainer
+
+
+class _LastValidation(L.Callback):
+    """Remembers the global step of the last validation run during fitting (not the sanity check)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self.step = trainer.global_step
+
+
+def _wants_final_validation(trainer: L.Trainer, last_step: int | None) -> bool:
+    """Whether the run has validation data that was not evaluated at its final step."""
+    if trainer.limit_val_batches == 0 or trainer.global_step == 0:
+        return False
+    has_val = trainer.datamodule is not None and _overrides(trainer.datamodule, "val_dataloader")
+    if not has_val:
+        return False
+    return last_step != trainer.global_step
+
+
+def _overrides(obj: Any, method: str) -> bool:
+    return getattr(type(obj), method, None) is not getattr(L.LightningDataModule, method, None)
+
+
+def run_summary(trainer: L.Trainer) -> str:
+    """Final validation metrics next to their data-vs-data floors, and where the run's files are."""
+    from .callbacks.logging import run_dir
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    lines = [f"lightning-ebm fit: finished at step {trainer.global_step}"]
+    shown = set()
+    for key in sorted(metrics):
+        if key.endswith("_floor") or key in shown:
+            continue
+        floor = metrics.get(f"{key}_floor")
+        text = f"  {key:<22} {metrics[key]:.4g}"
+        if floor is not None:
+            text += f"   (data-vs-data floor {floor:.4g}, ratio {metrics[key] / floor:.2f})" if floor > 0 else (
+                f"   (data-vs-data floor {floor:.4g})")
+        lines.append(text)
+        shown.add(key)
+    directory = run_dir(trainer)
+    lines.append(f"  run directory          {directory}")
+    metrics_file = directory / "metrics.csv"
+    if metrics_file.is_file():
+        lines.append(f"  metrics                {metrics_file}")
+    ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or getattr(
+        trainer.checkpoint_callback, "best_model_path", "")
+    if ckpt:
+        lines.append(f"  checkpoint             {ckpt}")
+    images = sorted((directory / "images").glob("*.png")) if (directory / "images").is_dir() else []
+    if images:
+        lines.append(f"  pictures               {directory / 'images'} ({len(images)} files, last {images[-1].name})")
+    if (directory / "config.yaml").is_file():
+        lines.append(f"  config                 {directory / 'config.yaml'}")
+    if ckpt:
+        lines.append(f"  sample from it:        {PROG} sample --ckpt_path {ckpt} --num_samples 1000 "
+                     "--output samples.png")
+    return "\n".join(lines)
 
 
 def sample_main(argv: list[str]) -> Path:
@@ -209,12 +327,16 @@ def sample_main(argv: list[str]) -> Path:
     parser.add_argument("--batch_size", type=int, default=None, help="run the dynamics in chunks of this size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--pixel_scale", type=int, default=None,
+                        help="images in a .png: enlarge each pixel to this square (default: tiles >= 32 pixels)")
     args = parser.parse_args(argv)
     output = Path(args.output)
     if output.suffix not in SAMPLE_FORMATS:
         parser.error(f"--output must end in one of {SAMPLE_FORMATS}, got {args.output!r}")
     if args.num_samples < 1:
         parser.error(f"--num_samples must be a positive integer, got {args.num_samples}")
+    if args.pixel_scale is not None and args.pixel_scale < 1:
+        parser.error(f"--pixel_scale must be a positive integer, got {args.pixel_scale}")
     if not Path(args.ckpt_path).is_file():
         parser.error(f"--ckpt_path {args.ckpt_path!r} is not a file")
     model = EBM.load_from_checkpoint(args.ckpt_path, map_location=args.device)
@@ -227,12 +349,12 @@ def sample_main(argv: list[str]) -> Path:
     elif output.suffix == ".npz":
         np.savez(output, samples=x.numpy())
     else:
-        _save_png(x, output)
+        _save_png(x, output, args.pixel_scale)
     print(f"wrote {tuple(x.shape)} samples to {output}")
     return output
 
 
-def _save_png(x: torch.Tensor, output: Path) -> None:
+def _save_png(x: torch.Tensor, output: Path, pixel_scale: int | None = None) -> None:
     from matplotlib.figure import Figure
 
     if x.ndim == 2 and x.shape[1] == 2:
@@ -242,10 +364,14 @@ def _save_png(x: torch.Tensor, output: Path) -> None:
         ax.set_aspect("equal")
         ax.set_title(f"{x.shape[0]} generated samples")
         fig.savefig(output)
-    elif x.ndim == 4:  # images (B, C, H, W) in [-1, 1]
-        from torchvision.utils import save_image
+    elif x.ndim == 4:  # images (B, C, H, W) in [-1, 1], enlarged like SampleGrid's so small ones stay readable
+        from matplotlib.image import imsave
 
-        save_image(x, output, nrow=int(np.ceil(np.sqrt(x.shape[0]))), normalize=True, value_range=(-1, 1))
+        from .callbacks.images import default_pixel_scale, image_grid
+
+        scale = pixel_scale or default_pixel_scale(tuple(x.shape[1:]))
+        grid = image_grid(x, nrow=int(np.ceil(np.sqrt(x.shape[0]))), pixel_scale=scale)
+        imsave(output, grid.permute(1, 2, 0).clamp(0, 1).numpy())
     else:
         raise ValueError(f"a .png needs 2-D points (N, 2) or images (N, C, H, W); got samples of shape "
                          f"{tuple(x.shape)}: use .pt or .npz")

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import density
 from ..metrics import mmd_rbf
-from .logging import EveryNSteps, log_image
+from .logging import EveryNSteps, held_out_data, log_image
 
 __all__ = ["DensityPanel2D", "LongRunDiagnostic", "density_metrics", "density_figure"]
 
@@ -36,22 +36,6 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 def _log_metrics(trainer: L.Trainer, metrics: dict[str, float]) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
-
-
-def _held_out(trainer: L.Trainer, n: int) -> Tensor | None:
-    """Up to ``n`` held-out points: the DataModule's ``val_data``, else its validation batches."""
-    datamodule = getattr(trainer, "datamodule", None)
-    data = getattr(datamodule, "val_data", None)
-    if data is None and datamodule is not None and hasattr(datamodule, "val_dataloader"):
-        batches, count = [], 0
-        for batch in datamodule.val_dataloader():
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            batches.append(x)
-            count += x.shape[0]
-            if count >= n:
-                break
-        data = torch.cat(batches) if batches else None
-    return None if data is None else data[:n]
 
 
 def _padded_bounds(data: Tensor, margin: float = 0.15) -> tuple[float, float, float, float]:
@@ -155,7 +139,7 @@ class DensityPanel2D(EveryNSteps):
             raise ValueError(f"DensityPanel2D needs 2-D samples, the latent has shape "
                              f"{tuple(pl_module.latent.shape)}")
         datamodule = getattr(trainer, "datamodule", None)
-        held_out = _held_out(trainer, 100_000)
+        held_out = held_out_data(trainer, 100_000)
         bounds = self.bounds
         if bounds is None:
             if held_out is None:
@@ -241,7 +225,7 @@ class LongRunDiagnostic(EveryNSteps):
         with _eval_mode(pl_module), torch.no_grad():
             runs = self.run(pl_module)
             energies = {m: pl_module.energy(x) for m, x in runs.items()}
-        data = _held_out(trainer, self.num_samples)
+        data = held_out_data(trainer, self.num_samples)
         metrics: dict[str, float] = {}
         for m, x in runs.items():
             finite = torch.isfinite(x.flatten(1)).all(1) & torch.isfinite(energies[m])

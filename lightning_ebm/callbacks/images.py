@@ -12,7 +12,12 @@ from torchvision.utils import make_grid
 from .ema import averaged_weights
 from .logging import EveryNSteps, log_image
 
-__all__ = ["SampleGrid", "image_grid"]
+__all__ = ["SampleGrid", "default_pixel_scale", "image_grid"]
+
+
+def default_pixel_scale(shape: tuple[int, ...], tile: int = 32) -> int:
+    """The pixel enlargement that makes an image of ``shape`` ``(C, H, W)`` at least ``tile`` pixels wide."""
+    return max(1, -(-tile // max(shape[1:])))
 
 
 def image_grid(
@@ -85,7 +90,7 @@ class SampleGrid(EveryNSteps):
         shape = tuple(pl_module.latent.shape)
         if len(shape) != 3:
             raise ValueError(f"SampleGrid needs image samples (C, H, W); the latent has shape {shape}")
-        scale = self.pixel_scale or max(1, -(-32 // max(shape[1:])))
+        scale = self.pixel_scale or default_pixel_scale(shape)
         gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         x = pl_module.generate(self.num_samples, generator=gen)
         grid = image_grid(x, nrow=max(1, round(self.num_samples**0.5)), value_range=self.value_range,

@@ -24,21 +24,21 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the names ``__getattr__`` provi
     from .module import EBM  # noqa: F401
 
 
-class _DropLitLoggerTip(logging.Filter):
+class _DropLitTips(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return "try installing [litlogger]" not in str(record.msg)
+        return "try installing [lit" not in str(record.msg)
 
 
 def _quiet_known_noise() -> None:
     """Silence two messages that every run printed and that no user can act on: Lightning 2.6's own use
     of torch's deprecated ``isinstance(treespec, LeafSpec)`` (a FutureWarning from Lightning's code,
-    fixed upstream, not ours to change) and its advertisement for a cloud logger. Nothing else."""
+    fixed upstream, not ours to change) and its advertisements for its cloud logger and model registry. Nothing else."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning,
                             module=r"lightning\.pytorch\.utilities\._pytree")
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropLitLoggerTip) for f in logger.filters):
-            logger.addFilter(_DropLitLoggerTip())
+        if not any(isinstance(f, _DropLitTips) for f in logger.filters):
+            logger.addFilter(_DropLitTips())
 
 
 _quiet_known_noise()

@@ -24,6 +24,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from . import _quiet_known_noise
 from .callbacks import AtomicCheckpointIO
 from .console import DEBUG_ENV, PROG, ConfigError, closest, simplify_parser_message
 from .module import EBM
@@ -379,6 +380,7 @@ def _save_png(x: torch.Tensor, output: Path, pixel_scale: int | None = None) -> 
 
 def run(argv: list[str]) -> None:
     """Run one subcommand (``argv`` without the program name); mistakes raise ``ConfigError``."""
+    _quiet_known_noise()  # again: a warnings.catch_warnings() around the caller (pytest's) drops import-time filters
     if argv and argv[0] == "sample":
         sample_main(argv[1:])
         return

@@ -51,7 +51,7 @@ options:
 DEBUG_ENV = "LIGHTNING_EBM_DEBUG"
 
 
-class ConfigError(Exception):
+class ConfigError(ValueError):
     """A mistake in the command line or the config, already worded for the user (no traceback needed)."""
 
 

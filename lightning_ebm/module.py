@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from . import density
+from . import _quiet_known_noise, density
 from .energies import check_energy_output
 from .latents import Latent, ReplayBuffer
 from .metrics import mmd_rbf, sliced_wasserstein
@@ -240,6 +240,7 @@ class EBM(L.LightningModule):
 
     # ------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:
+        _quiet_known_noise()  # Lightning's own deprecated-API warning, dropped by catch_warnings() around a run
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_shape = getattr(datamodule, "sample_shape", None)
         if data_shape is not None and tuple(data_shape) != tuple(self.latent.shape):

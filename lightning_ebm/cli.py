@@ -19,6 +19,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import ArgsType, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from ._config import ComponentConfigError
 from .callbacks import AtomicCheckpointIO
 from .module import EBM
 
@@ -91,7 +92,10 @@ def sample_main(argv: list[str]) -> Path:
         parser.error(f"--num_samples must be a positive integer, got {args.num_samples}")
     if not Path(args.ckpt_path).is_file():
         parser.error(f"--ckpt_path {args.ckpt_path!r} is not a file")
-    model = EBM.load_from_checkpoint(args.ckpt_path, map_location=args.device)
+    try:
+        model = EBM.load_from_checkpoint(args.ckpt_path, map_location=args.device)
+    except ComponentConfigError as err:  # a component the checkpoint cannot rebuild: say what, not a traceback
+        sys.exit(f"lightning-ebm sample: {err}")
     model.eval()
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     x = model.generate(args.num_samples, generator=generator, batch_size=args.batch_size).cpu()

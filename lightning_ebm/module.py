@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import math
+import pickle
+import re
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -14,7 +16,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from . import density
+from . import _config, density
 from .energies import check_energy_output
 from .latents import Latent, ReplayBuffer
 from .metrics import mmd_rbf, sliced_wasserstein
@@ -87,6 +89,12 @@ class EBM(L.LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        # components may arrive as plain configs ({"class_path", "init_args"}): from a checkpoint or
+        # a pretrained directory; factories (optimizer, lr_scheduler) become functools.partial
+        energy, sampler, latent = (_config.build(v, k) for k, v in (("energy", energy), ("sampler", sampler),
+                                                                     ("latent", latent)))
+        optimizer = _config.build(optimizer, "optimizer", factory=True)
+        lr_scheduler = _config.build(lr_scheduler, "lr_scheduler", factory=True)
         if not isinstance(energy, nn.Module):
             raise TypeError(f"energy must be an nn.Module mapping (B, *shape) -> (B,), got {type(energy).__name__}")
         if not isinstance(sampler, Sampler):
@@ -108,7 +116,7 @@ class EBM(L.LightningModule):
             raise ValueError(f"EBM: channels_last=True needs image samples of shape (C, H, W), but the latent's "
                              f"shape is {tuple(latent.shape)}")
         with warnings.catch_warnings():
-            # components are kept in the hyper-parameters on purpose: load_from_checkpoint needs them
+            # components are kept in the hyper-parameters on purpose: checkpoints store them as configs
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
         self.energy = energy
@@ -429,12 +437,11 @@ class EBM(L.LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             # on_save_checkpoint runs on every rank but only rank 0 writes: gather what is per rank
             checkpoint["lightning_ebm"]["ranks"] = self._gather_rank_states()
-        hparams = checkpoint.get("hyper_parameters", {})
-        if isinstance(hparams.get("latent"), ReplayBuffer):
-            # the chains travel in state_dict; do not pickle a second copy with the hyper-parameters
-            stripped = copy.copy(hparams["latent"])
-            stripped.__dict__ = dict(stripped.__dict__, buffer=None)
-            hparams["latent"] = stripped
+        if "hyper_parameters" in checkpoint:  # components as plain configs: loads with weights_only=True
+            checkpoint["hyper_parameters"], problems = _config.hparams_to_config(checkpoint["hyper_parameters"])
+            for problem in problems:  # Python's warning filter shows each message once, not at every save
+                rank_zero_warn(f"EBM checkpoint: {problem}. The checkpoint resumes training all the same; "
+                               "where this part cannot be rebuilt, pass it to load_from_checkpoint")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("lightning_ebm", {})
@@ -464,14 +471,23 @@ class EBM(L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, weights_only: bool | None = None,
-                             **kwargs: Any) -> EBM:
+                             allow_classes: Sequence[str] | None = None, **kwargs: Any) -> EBM:
         """Load a checkpoint written by ``EBM`` (see ``LightningModule.load_from_checkpoint``).
 
-        ``weights_only`` defaults to ``False`` because a checkpoint of a model built in Python
-        holds its components (energy, sampler, latent) pickled with the hyper-parameters; load
-        only checkpoints you trust. Checkpoints written by the ``lightning-ebm`` CLI hold plain
-        configs and also load with ``weights_only=True``.
+        Checkpoints hold their components as plain configs and load with torch's default
+        ``weights_only=True``. Rebuilding imports only classes of ``lightning_ebm``, ``torch.nn``,
+        ``torch.optim``, classes already imported, and ``allow_classes`` (class paths or module
+        prefixes, for your own classes in modules not imported yet). A component that could not
+        be recorded is passed as an argument (``energy=MyEnergy(...)``). ``weights_only=False``
+        reads older checkpoints with pickled components: only for checkpoints you trust.
         """
-        if weights_only is None:
-            weights_only = False
-        return super().load_from_checkpoint(checkpoint_path, *args, weights_only=weights_only, **kwargs)
+        try:
+            with _config.allowing(allow_classes):
+                return super().load_from_checkpoint(checkpoint_path, *args, weights_only=weights_only, **kwargs)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            what = f" (it pickles {found.group(1)})" if found else ""
+            raise _config.ComponentConfigError(
+                f"EBM.load_from_checkpoint: {checkpoint_path} holds pickled Python objects{what}, which torch "
+                "refuses to load with weights_only=True; it was written by an older lightning_ebm. If you trust "
+                "the file, load it with weights_only=False") from None

@@ -40,6 +40,7 @@ __all__ = [
     "build",
     "class_path",
     "hparams_to_config",
+    "import_class",
     "is_config",
     "to_config",
 ]
@@ -256,18 +257,22 @@ def hparams_to_config(hparams: dict[str, Any]) -> tuple[dict[str, Any], list[str
 
 
 # ------------------------------------------------------------------------------------------- build
-_ALLOWED: list[list[str]] = []
+_CONTEXT: list[tuple[list[str], bool]] = []  # (allowed class paths, whether imported classes are allowed)
 _EXPECTED_BASES: tuple[type, ...] = (nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
 
 
 @contextlib.contextmanager
-def allowing(allow_classes: Sequence[str] | None) -> Iterator[None]:
-    """Allow these class paths (or module prefixes) in every ``build`` inside the block."""
-    _ALLOWED.append(list(allow_classes or []))
+def allowing(allow_classes: Sequence[str] | None, *, imported: bool = True) -> Iterator[None]:
+    """Allow these class paths (or module prefixes) in every ``build`` inside the block.
+
+    ``imported=False`` also forbids classes merely because their module is imported already (the
+    strict policy of pretrained directories: the library's, torch's and the listed classes only).
+    """
+    _CONTEXT.append((list(allow_classes or []), imported))
     try:
         yield
     finally:
-        _ALLOWED.pop()
+        _CONTEXT.pop()
 
 
 def _expected_bases() -> tuple[type, ...]:
@@ -288,28 +293,36 @@ def _lookup(module_name: str, qualname: str) -> Any:
     return obj
 
 
-def _import_class(path: str, where: str, allow_classes: Sequence[str]) -> type:
+def import_class(path: str, where: str, allow_classes: Sequence[str] = ()) -> type:
     """The class at ``path`` if the policy allows it (see the module docstring), else a clear error."""
+    allowed = [a for group, _ in _CONTEXT for a in group] + list(allow_classes)
+    return _import_class(path, where, allowed, _CONTEXT[-1][1] if _CONTEXT else True)
+
+
+def _import_class(path: str, where: str, allow_classes: Sequence[str], imported: bool = True) -> type:
     parts = path.split(".")
     trusted = _matches(path, allow_classes) or path.startswith(TRUSTED_PREFIXES)
     candidates = [(".".join(parts[:i]), ".".join(parts[i:])) for i in range(len(parts) - 1, 0, -1)]
-    if not trusted:  # only what is imported already, and only of the component base classes
+    if not trusted and imported:  # what is imported already, and only of the component base classes
         for module_name, qualname in candidates:
             if module_name in sys.modules:
                 with contextlib.suppress(AttributeError):
                     cls = _lookup(module_name, qualname)
                     if isinstance(cls, type) and issubclass(cls, _expected_bases()):
                         return cls
+    if not trusted:
         if parts[0] == "__main__":
             name = parts[-1]
+            how = (f"pass {where.split('.')[0]}={name}(...) yourself when loading" if imported else
+                   f"in a script that defines it, pass allow_classes=[{path!r}]")
             raise ComponentConfigError(
-                f"{where}: the class {name} was defined in the training script (__main__) and this process has "
-                f"no class of that name; move {name} into an importable module (then retrain or re-save), or "
-                f"pass {where.split('.')[0]}={name}(...) yourself when loading")
+                f"{where}: the class {name} was defined in the training script (__main__), which this process "
+                f"cannot import; move {name} into an importable module (then retrain or re-save), or {how}")
+        also = " and already imported modules, samplers, latents, optimizers and schedulers" if imported else ""
         raise ComponentConfigError(
             f"{where}: the config names the class {path!r}, which is not allowed to be imported: only classes "
-            f"of {', '.join(p.rstrip('.') for p in TRUSTED_PREFIXES)} and already imported modules, samplers, "
-            f"latents, optimizers and schedulers are; if you trust it, pass allow_classes=[{path!r}]")
+            f"of {', '.join(p.rstrip('.') for p in TRUSTED_PREFIXES)}{also} are; if you trust it, pass "
+            f"allow_classes=[{path!r}]")
     error: Exception | None = None
     for module_name, qualname in candidates:
         try:
@@ -340,8 +353,7 @@ def build(value: Any, where: str, *, factory: bool = False, allow_classes: Seque
         return {k: build(v, f"{where}.{k}", allow_classes=allow_classes, _trust_all=_trust_all)
                 for k, v in value.items()}
     path = value[CLASS_PATH]
-    allowed = [a for group in _ALLOWED for a in group] + list(allow_classes or [])
-    cls = _import_class(path, where, [path] if _trust_all else allowed)
+    cls = (_import_class(path, where, [path]) if _trust_all else import_class(path, where, allow_classes or ()))
     if value.get(MISSING):
         raise ComponentConfigError(
             f"{where}: the checkpoint could not record how to build {cls.__qualname__} (missing: "

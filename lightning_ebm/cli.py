@@ -3,6 +3,8 @@
     lightning-ebm fit --config configs/toy2d.yaml
     lightning-ebm fit --config configs/toy2d.yaml --print_config
     lightning-ebm sample --ckpt_path run/checkpoints/last.ckpt --num_samples 1000 --output samples.png
+    lightning-ebm export --ckpt_path run/checkpoints/last.ckpt --output my-model
+    lightning-ebm sample --pretrained my-model --output samples.png
 """
 
 from __future__ import annotations
@@ -78,22 +80,33 @@ def sample_main(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(
         prog="lightning-ebm sample", description="Draw samples from a trained EBM's generator."
     )
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `lightning-ebm fit`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt_path", help="checkpoint written by `lightning-ebm fit`")
+    source.add_argument("--pretrained", help="directory written by `lightning-ebm export` (or save_pretrained), "
+                        "or a Hugging Face Hub repo id holding one")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--output", required=True, help=f"output file, one of {', '.join(SAMPLE_FORMATS)}")
     parser.add_argument("--batch_size", type=int, default=None, help="run the dynamics in chunks of this size")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    parser.add_argument("--allow_classes", nargs="*", default=None,
+                        help="class paths or module prefixes the model may import (your own energies)")
     args = parser.parse_args(argv)
     output = Path(args.output)
     if output.suffix not in SAMPLE_FORMATS:
         parser.error(f"--output must end in one of {SAMPLE_FORMATS}, got {args.output!r}")
     if args.num_samples < 1:
         parser.error(f"--num_samples must be a positive integer, got {args.num_samples}")
-    if not Path(args.ckpt_path).is_file():
+    if args.ckpt_path is not None and not Path(args.ckpt_path).is_file():
         parser.error(f"--ckpt_path {args.ckpt_path!r} is not a file")
     try:
-        model = EBM.load_from_checkpoint(args.ckpt_path, map_location=args.device)
+        if args.pretrained is not None:
+            from .hub import load_for_cli
+
+            model = load_for_cli(args.pretrained, args.device, args.allow_classes)
+        else:
+            model = EBM.load_from_checkpoint(args.ckpt_path, map_location=args.device,
+                                             allow_classes=args.allow_classes)
     except ComponentConfigError as err:  # a component the checkpoint cannot rebuild: say what, not a traceback
         sys.exit(f"lightning-ebm sample: {err}")
     model.eval()
@@ -134,6 +147,11 @@ def main(args: ArgsType = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "sample":
         sample_main(argv[1:])
+        return
+    if argv and argv[0] == "export":
+        from .hub import export_main
+
+        export_main(argv[1:])
         return
     EBMCLI(args=None if args is None else argv)
 

@@ -8,6 +8,7 @@ import re
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -491,3 +492,41 @@ class EBM(L.LightningModule):
                 f"EBM.load_from_checkpoint: {checkpoint_path} holds pickled Python objects{what}, which torch "
                 "refuses to load with weights_only=True; it was written by an older lightning_ebm. If you trust "
                 "the file, load it with weights_only=False") from None
+
+    # ------------------------------------------------------------------ sharing (lightning_ebm.hub)
+    def save_pretrained(self, path: str | Path, *, include_replay_buffer: bool = False,
+                        metrics_csv: str | Path | None = None, sample_picture: bool = True) -> Path:
+        """Write the whole generator as a directory: config.json, model.safetensors, a model card.
+
+        No pickle: components are plain configs, weights are safetensors (the ``hub`` extra). See
+        ``lightning_ebm.hub.save_pretrained``.
+        """
+        from . import hub
+
+        return hub.save_pretrained(self, path, include_replay_buffer=include_replay_buffer,
+                                   metrics_csv=metrics_csv, sample_picture=sample_picture)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path, *, allow_classes: Sequence[str] | None = None,
+                        **kwargs: Any) -> EBM:
+        """Load a directory written by ``save_pretrained`` or a Hugging Face Hub repo holding one.
+
+        Imports only classes of ``lightning_ebm``, ``torch.nn``, ``torch.optim`` and
+        ``allow_classes``. See ``lightning_ebm.hub.from_pretrained`` for the other arguments.
+        """
+        from . import hub
+
+        model = hub.from_pretrained(path_or_repo_id, allow_classes=allow_classes, **kwargs)
+        if not isinstance(model, cls):
+            raise _config.ComponentConfigError(f"{cls.__name__}.from_pretrained: {path_or_repo_id} holds a "
+                                               f"{type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """``save_pretrained`` and upload to the Hugging Face Hub repo ``repo_id`` (created if needed).
+
+        See ``lightning_ebm.hub.push_to_hub`` for the arguments (token, private, commit_message, ...).
+        """
+        from . import hub
+
+        return hub.push_to_hub(self, repo_id, **kwargs)

@@ -225,6 +225,9 @@ def to_config(value: Any, where: str = "value", problems: list[str] | None = Non
         return type(value)(to_config(v, f"{where}[{i}]", problems) for i, v in enumerate(value))
     if isinstance(value, dict):
         return {k: to_config(v, f"{where}.{k}", problems) for k, v in value.items()}
+    if (isinstance(value, functools.partial) and getattr(value.func, "__module__", "").startswith("jsonargparse")
+            and value.args and isinstance(value.args[-1], type)):  # the CLI's factory: partial(..., cls, **kw)
+        value = functools.partial(value.args[-1], **value.keywords)
     if isinstance(value, functools.partial) and isinstance(value.func, type) and not value.args:
         if problem := _where_problem(value.func):
             problems.append(f"{where} ({value.func.__qualname__}): {problem}")

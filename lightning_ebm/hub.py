@@ -89,8 +89,10 @@ def model_config(model: EBM) -> dict[str, Any]:
         import warnings
 
         warnings.warn(f"save_pretrained: {problem}; loading needs allow_classes and that class", stacklevel=3)
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    dtype = str(param.dtype if param is not None else model.dtype).removeprefix("torch.")
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "library_version": lightning_ebm.__version__,
-            "torch_version": torch.__version__, "model_class": model_class,
+            "torch_version": torch.__version__, "model_class": model_class, "dtype": dtype,
             "sample_shape": list(model.latent.shape), "hparams": _jsonable(plain, "hparams")}
 
 
@@ -229,7 +231,7 @@ def _resolve(path_or_repo_id: str | Path, revision: str | None, token: str | boo
         raise ComponentConfigError(
             f"from_pretrained: could not fetch {text!r} from the Hugging Face Hub ({type(err).__name__}: "
             f"{str(err).splitlines()[0] if str(err) else ''}); check the network, the repo id and your token, "
-            "or pass a local directory") from None
+            f"or pass a local directory (there is no directory {text!r} either)") from None
     return Path(folder)
 
 
@@ -264,6 +266,11 @@ def from_pretrained(path_or_repo_id: str | Path, *, allow_classes: Sequence[str]
         if not isinstance(hparams, dict):
             raise ComponentConfigError(f"from_pretrained: {folder / CONFIG_NAME} has no hparams mapping")
         model = cls(**hparams)
+    dtype = getattr(torch, str(config.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ComponentConfigError(f"from_pretrained: dtype {config.get('dtype')!r} in {folder / CONFIG_NAME} is not "
+                                   "a floating-point torch dtype")
+    model = model.to(dtype)  # before the weights: a float64 model keeps every bit
     tensors = _safetensors().load_file(str(folder / WEIGHTS_NAME))
     state: dict[str, Any] = {}
     for key, value in model.state_dict().items():

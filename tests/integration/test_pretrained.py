@@ -311,3 +311,12 @@ def test_the_drop_in_example_loads_a_pretrained_directory(exported):
     model, x = drop_in.load_pretrained(str(folder), n=300)
     expected = EBM.load_from_checkpoint(ckpt).generate(300, generator=torch.Generator().manual_seed(0))
     assert model.sampler.steps == 5 and torch.equal(x, expected)
+
+
+def test_a_float64_model_keeps_every_bit(tmp_path):
+    from lightning_ebm.energies import MLPEnergy
+
+    model = _small(MLPEnergy(dim=2, hidden=8)).double()
+    loaded = EBM.from_pretrained(model.save_pretrained(tmp_path / "f64", sample_picture=False))
+    z = torch.randn(16, 2, dtype=torch.float64)
+    assert loaded.dtype == torch.float64 and torch.equal(loaded.generate(16, z=z), model.generate(16, z=z))

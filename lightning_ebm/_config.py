@@ -97,7 +97,10 @@ def _bind_recorded(obj: Any) -> dict[str, Any] | None:
     if not record or (not record[0] and not record[1] and _required(type(obj))):
         return None  # made by copy/unpickling without arguments: nothing recorded
     args, kwargs = record
-    bound = _signature(type(obj)).bind(obj, *args, **kwargs)
+    try:
+        bound = _signature(type(obj)).bind(obj, *args, **kwargs)
+    except TypeError:  # a constructor that does not take what __new__ saw: describe it otherwise
+        return None
     bound.apply_defaults()
     out: dict[str, Any] = {}
     for i, (name, value) in enumerate(bound.arguments.items()):
@@ -245,7 +248,12 @@ def to_config(value: Any, where: str = "value", problems: list[str] | None = Non
         problems.append(f"{where} ({name}): a function or a partial of one cannot be stored as a config: use a "
                         "class or functools.partial(SomeClass, ...) with keyword arguments")
         return {CLASS_PATH: f"{getattr(value, '__module__', '?')}.{name}", INIT_ARGS: {}, MISSING: ["a function"]}
-    return _describe_object(value, where, problems)
+    try:
+        return _describe_object(value, where, problems)
+    except Exception as err:  # noqa: BLE001 - describing must never break a checkpoint save
+        name = type(value).__qualname__
+        problems.append(f"{where} ({name}): cannot be described as a config ({type(err).__name__}: {err})")
+        return {CLASS_PATH: class_path(type(value)), INIT_ARGS: {}, MISSING: [f"{type(err).__name__}: {err}"]}
 
 
 def hparams_to_config(hparams: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:

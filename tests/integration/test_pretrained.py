@@ -239,18 +239,19 @@ class LocalHub:
     def __init__(self, root: Path) -> None:
         self.root, self.calls = root, []
         hub = self
+        real_api, self.real_snapshot_download = hf.HfApi, hf.snapshot_download  # taken before any patching
 
         class Api:
             def __init__(self, token=None, **kwargs):
-                inspect.signature(hf.HfApi).bind(token=token, **kwargs)
+                inspect.signature(real_api).bind(token=token, **kwargs)
 
             def create_repo(self, repo_id, **kwargs):
-                inspect.signature(hf.HfApi.create_repo).bind(self, repo_id, **kwargs)
+                inspect.signature(real_api.create_repo).bind(self, repo_id, **kwargs)
                 hub.calls.append(("create_repo", repo_id, kwargs))
                 (hub.root / repo_id).mkdir(parents=True, exist_ok=kwargs.get("exist_ok", False))
 
             def upload_folder(self, **kwargs):
-                inspect.signature(hf.HfApi.upload_folder).bind(self, **kwargs)
+                inspect.signature(real_api.upload_folder).bind(self, **kwargs)
                 hub.calls.append(("upload_folder", kwargs["repo_id"], kwargs))
                 shutil.copytree(kwargs["folder_path"], hub.root / kwargs["repo_id"], dirs_exist_ok=True)
                 return "commit-1"
@@ -258,7 +259,7 @@ class LocalHub:
         self.Api = Api
 
     def snapshot_download(self, repo_id, **kwargs):
-        inspect.signature(hf.snapshot_download).bind(repo_id, **kwargs)
+        inspect.signature(self.real_snapshot_download).bind(repo_id, **kwargs)
         if not (self.root / repo_id).is_dir():
             import httpx
             from huggingface_hub.errors import RepositoryNotFoundError

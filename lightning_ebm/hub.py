@@ -130,12 +130,16 @@ def _last_metrics(metrics_csv: Path) -> dict[str, tuple[int | None, float]]:
     return last
 
 
-def _save_picture(model: EBM, path: Path, n: int) -> bool:
-    """A scatter of 2-D samples or a grid of images, from a fixed seed; False for other shapes."""
+def _picture_size(model: EBM) -> int | None:
+    """How many samples the card's picture shows: 1000 points in 2-D, 64 images, else none."""
     shape = tuple(model.latent.shape)
-    if shape != (2,) and len(shape) != 3:
-        return False
-    x = model.generate(n if shape == (2,) else 64, generator=torch.Generator(model.device).manual_seed(0)).cpu()
+    return 1000 if shape == (2,) else 64 if len(shape) == 3 else None
+
+
+def _save_picture(model: EBM, path: Path, n: int) -> None:
+    """A scatter of ``n`` 2-D samples or a grid of ``n`` images, drawn from seed 0."""
+    shape = tuple(model.latent.shape)
+    x = model.generate(n, generator=torch.Generator(model.device).manual_seed(0)).cpu()
     if shape == (2,):
         from matplotlib.figure import Figure
 
@@ -145,20 +149,19 @@ def _save_picture(model: EBM, path: Path, n: int) -> bool:
         ax.set_aspect("equal")
         ax.set_title(f"{x.shape[0]} generated samples")
         fig.savefig(path)
-        return True
+        return
     from torchvision.utils import make_grid, save_image
 
     grid = make_grid(x.float(), nrow=8, normalize=True, value_range=(-1, 1))
     scale = max(1, math.ceil(256 / grid.shape[-1]))  # small images become a readable picture
     save_image(grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2), path)
-    return True
 
 
-def _card(config: dict[str, Any], metrics: dict[str, tuple[int | None, float]], picture: bool,
+def _card(config: dict[str, Any], metrics: dict[str, tuple[int | None, float]], picture: int | None,
           source: str) -> str:
     hp = config["hparams"]
-    title = hp.get("energy", {}).get("class_path", "EBM").rsplit(".", 1)[-1] if isinstance(hp.get("energy"), dict) \
-        else "EBM"
+    energy = hp.get("energy")
+    title = energy["class_path"].rsplit(".", 1)[-1] if _config.is_config(energy) else "EBM"
     lines = [
         "---", "library_name: lightning_ebm", "tags:", "- energy-based-model", "- lightning_ebm", "---", "",
         f"# lightning_ebm: {title} energy with its generator", "",
@@ -168,14 +171,16 @@ def _card(config: dict[str, Any], metrics: dict[str, tuple[int | None, float]], 
     ]
     if picture:
         lines += ["## Samples", "", f"![generated samples]({PICTURE_NAME})", "",
-                  "Drawn with `torch.Generator().manual_seed(0)`.", ""]
+                  f"`model.generate({picture}, generator=torch.Generator().manual_seed(0))`: the samples "
+                  f"`lightning-ebm sample --pretrained {source} --num_samples {picture} --seed 0` draws.", ""]
     lines += ["## Sample from it", "", "```bash", f"lightning-ebm sample --pretrained {source} --num_samples 1000 "
               "--output samples.png", "```", "", "```python", "import torch", "from lightning_ebm import EBM", "",
               f"model = EBM.from_pretrained({source!r})",
               "x = model.generate(1000, generator=torch.Generator().manual_seed(0))", "```", ""]
     if metrics:
         lines += ["## Last logged metrics", "", "| metric | value | step |", "|---|---|---|"]
-        lines += [f"| {k} | {v:.6g} | {'' if s is None else s} |" for k, (s, v) in sorted(metrics.items())]
+        lines += [f"| {k} | {v:.6g} | {'' if s is None else s} |" for k, (s, v) in sorted(metrics.items())
+                  if not k.startswith("train/") or k == "train/loss"]  # not throughput, step counts, ...
         lines += [""]
     lines += ["## Config", "", "```json", json.dumps(hp, indent=2), "```", "",
               f"lightning_ebm {config['library_version']}, torch {config['torch_version']}, "
@@ -207,7 +212,9 @@ def save_pretrained(model: EBM, path: str | Path, *, include_replay_buffer: bool
     metrics = _last_metrics(Path(metrics_csv)) if metrics_csv is not None else {}
     was_training = model.training
     model.eval()
-    picture = sample_picture and _save_picture(model, out / PICTURE_NAME, 1000)
+    picture = _picture_size(model) if sample_picture else None
+    if picture:
+        _save_picture(model, out / PICTURE_NAME, picture)
     model.train(was_training)
     (out / CARD_NAME).write_text(_card(config, metrics, picture, sample_source or str(out)))
     return out

@@ -321,3 +321,21 @@ def test_a_float64_model_keeps_every_bit(tmp_path):
     loaded = EBM.from_pretrained(model.save_pretrained(tmp_path / "f64", sample_picture=False))
     z = torch.randn(16, 2, dtype=torch.float64)
     assert loaded.dtype == torch.float64 and torch.equal(loaded.generate(16, z=z), model.generate(16, z=z))
+
+
+def test_an_image_model_round_trips_with_a_readable_sample_grid(tmp_path):
+    from PIL import Image
+
+    from lightning_ebm.energies import ConvEnergy
+    from lightning_ebm.latents import ReplayBuffer, Uniform
+
+    model = EBM(energy=ConvEnergy(in_channels=1, width=8, image_size=16, spectral_norm=True),
+                sampler=GradientDescent(steps=2, step_size=0.1),
+                latent=ReplayBuffer(Uniform((1, 16, 16)), capacity=32))
+    model.latent.draw(8, generator=torch.Generator().manual_seed(0))  # fill the chains
+    folder = model.save_pretrained(tmp_path / "img", include_replay_buffer=True)
+    assert min(Image.open(folder / "samples.png").size) >= 256  # 8 x 8 grid of 16 px images, enlarged
+    loaded = EBM.from_pretrained(folder)
+    assert torch.equal(loaded.latent.buffer, model.latent.buffer)
+    z = torch.rand(4, 1, 16, 16) * 2 - 1
+    assert torch.equal(loaded.generate(4, z=z), model.eval().generate(4, z=z))

@@ -22,6 +22,7 @@ import math
 import re
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,8 +87,6 @@ def model_config(model: EBM) -> dict[str, Any]:
         raise ComponentConfigError("save_pretrained: the model cannot be described by its config: "
                                    + "; ".join(blocking))
     for problem in problems:
-        import warnings
-
         warnings.warn(f"save_pretrained: {problem}; loading needs allow_classes and that class", stacklevel=3)
     param = next((p for p in model.parameters() if p.is_floating_point()), None)
     dtype = str(param.dtype if param is not None else model.dtype).removeprefix("torch.")

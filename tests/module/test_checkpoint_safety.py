@@ -54,6 +54,17 @@ class OpaqueEnergy(nn.Module):
         return self.net(x.flatten(1)).squeeze(-1)
 
 
+class DeclaredEnergy(OpaqueEnergy):
+    """Keeps no attributes, but says its constructor arguments itself (the explicit opt-in)."""
+
+    def __init__(self, dim, width):
+        super().__init__(dim, width)
+        self._args = {"dim": dim, "width": width}
+
+    def get_init_args(self):
+        return dict(self._args)
+
+
 class LyingEnergy(WideEnergy):
     """Its attribute ``width`` means something else than the argument: rebuilding from it differs."""
 
@@ -257,3 +268,14 @@ def test_a_cli_trained_checkpoint_keeps_the_cli_format_and_loads(tmp_path):
     assert hparams["sampler"]["init_args"]["steps"] == 2
     loaded = EBM.load_from_checkpoint(ckpt, weights_only=True)
     assert loaded.sampler.steps == 2 and loaded.generate(4).shape == (4, 2)
+
+
+def test_a_class_that_declares_its_arguments_round_trips(tmp_path, user_module):
+    mod, _ = user_module
+    model = EBM(energy=mod.DeclaredEnergy(2, 5), sampler=GradientDescent(steps=2, step_size=0.05),
+                latent=Gaussian((2,)))
+    _fit(tmp_path, model, 1)
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["hyper_parameters"]["energy"]["init_args"] == {
+        "dim": 2, "width": 5}
+    loaded = EBM.load_from_checkpoint(tmp_path / "last.ckpt")
+    torch.testing.assert_close(loaded.energy(torch.ones(3, 2)), model.energy(torch.ones(3, 2)), rtol=0, atol=0)

@@ -3,6 +3,8 @@
     lightning-ebm fit --config configs/toy2d.yaml
     lightning-ebm fit --config configs/toy2d.yaml --print_config
     lightning-ebm sample --ckpt_path run/checkpoints/last.ckpt --num_samples 1000 --output samples.png
+    lightning-ebm export --ckpt_path run/checkpoints/last.ckpt --output my-model
+    lightning-ebm sample --pretrained my-model --output samples.png
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.loggers import WandbLogger
 
 from . import _quiet_known_noise
+from ._config import ComponentConfigError
 from .callbacks import AtomicCheckpointIO
 from .console import DEBUG_ENV, PROG, ConfigError, closest, simplify_parser_message
 from .module import EBM
@@ -322,7 +325,10 @@ def sample_main(argv: list[str]) -> Path:
     parser = argparse.ArgumentParser(
         prog="lightning-ebm sample", description="Draw samples from a trained EBM's generator."
     )
-    parser.add_argument("--ckpt_path", required=True, help="checkpoint written by `lightning-ebm fit`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--ckpt_path", help="checkpoint written by `lightning-ebm fit`")
+    source.add_argument("--pretrained", help="directory written by `lightning-ebm export` (or save_pretrained), "
+                        "or a Hugging Face Hub repo id holding one")
     parser.add_argument("--num_samples", type=int, default=1000)
     parser.add_argument("--output", required=True, help=f"output file, one of {', '.join(SAMPLE_FORMATS)}")
     parser.add_argument("--batch_size", type=int, default=None, help="run the dynamics in chunks of this size")
@@ -330,6 +336,8 @@ def sample_main(argv: list[str]) -> Path:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     parser.add_argument("--pixel_scale", type=int, default=None,
                         help="images in a .png: enlarge each pixel to this square (default: tiles >= 32 pixels)")
+    parser.add_argument("--allow_classes", nargs="*", default=None,
+                        help="class paths or module prefixes the model may import (your own energies)")
     args = parser.parse_args(argv)
     output = Path(args.output)
     if output.suffix not in SAMPLE_FORMATS:
@@ -338,9 +346,18 @@ def sample_main(argv: list[str]) -> Path:
         parser.error(f"--num_samples must be a positive integer, got {args.num_samples}")
     if args.pixel_scale is not None and args.pixel_scale < 1:
         parser.error(f"--pixel_scale must be a positive integer, got {args.pixel_scale}")
-    if not Path(args.ckpt_path).is_file():
+    if args.ckpt_path is not None and not Path(args.ckpt_path).is_file():
         parser.error(f"--ckpt_path {args.ckpt_path!r} is not a file")
-    model = EBM.load_from_checkpoint(args.ckpt_path, map_location=args.device)
+    try:
+        if args.pretrained is not None:
+            from .hub import load_for_cli
+
+            model = load_for_cli(args.pretrained, args.device, args.allow_classes)
+        else:
+            model = EBM.load_from_checkpoint(args.ckpt_path, map_location=args.device,
+                                             allow_classes=args.allow_classes)
+    except ComponentConfigError as err:  # a component the checkpoint cannot rebuild: say what, not a traceback
+        raise ConfigError(str(err)) from err
     model.eval()
     generator = torch.Generator(device=model.device).manual_seed(args.seed)
     x = model.generate(args.num_samples, generator=generator, batch_size=args.batch_size).cpu()
@@ -383,6 +400,11 @@ def run(argv: list[str]) -> None:
     _quiet_known_noise()  # again: a warnings.catch_warnings() around the caller (pytest's) drops import-time filters
     if argv and argv[0] == "sample":
         sample_main(argv[1:])
+        return
+    if argv and argv[0] == "export":
+        from .hub import export_main
+
+        export_main(argv[1:])
         return
     check_config_files(argv)
     try:

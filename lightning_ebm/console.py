@@ -26,6 +26,7 @@ SUBCOMMANDS = {
     "test": "run one test epoch of a model",
     "predict": "run prediction with a model",
     "sample": "draw samples from a trained model's generator into a .png, .pt or .npz file",
+    "export": "write a checkpoint as a pretrained directory (config.json, safetensors, model card) to share",
 }
 
 HELP = f"""usage: {PROG} [-h] [--version] {{{{{",".join(SUBCOMMANDS)}}}}} ...
@@ -41,6 +42,7 @@ examples:
   {PROG} fit --config configs/toy2d.yaml --print_config
   {PROG} fit --help
   {PROG} sample --ckpt_path runs/toy2d/version_0/checkpoints/last.ckpt --num_samples 1000 --output samples.png
+  {PROG} export --ckpt_path runs/toy2d/version_0/checkpoints/last.ckpt --output my-ebm
 
 options:
   -h, --help  show this message and exit

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._config import RecordInit
+
 __all__ = ["MLPEnergy", "check_energy_output"]
 
 
@@ -23,7 +25,7 @@ def check_energy_output(energy: Tensor, x: Tensor) -> None:
         )
 
 
-class MLPEnergy(nn.Module):
+class MLPEnergy(RecordInit, nn.Module):
     """Fully connected energy ``E(x) = MLP(flatten(x))`` with SiLU activations.
 
     Args:
@@ -85,7 +87,7 @@ def _check_image_input(owner: str, x: Tensor, channels: int, size: tuple[int, in
         raise ValueError(f"{owner} expects images of shape {want}, got {tuple(x.shape)}")
 
 
-class ConvEnergy(nn.Module):
+class ConvEnergy(RecordInit, nn.Module):
     """The short-run EBM ConvNet (Nijkamp et al., 2019): ``(B, C, H, W) -> (B,)``.
 
     A 3x3 convolution to ``width`` channels, then 4x4 stride-2 convolutions with widths
@@ -146,7 +148,7 @@ class _ResBlock(nn.Module):
         return nn.functional.avg_pool2d(out, 2) if min(out.shape[-2:]) >= 8 else out
 
 
-class ResNetEnergy(nn.Module):
+class ResNetEnergy(RecordInit, nn.Module):
     """A small residual energy in the style of IGEBM (Du & Mordatch, 2019): ``(B, C, H, W) -> (B,)``.
 
     A 3x3 convolution to ``width`` channels, ``num_blocks`` residual blocks (two 3x3

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._config import RecordInit
+
 __all__ = ["Latent", "Uniform", "Gaussian", "ReplayBuffer"]
 
 
@@ -31,7 +33,7 @@ def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
     return out
 
 
-class Latent(nn.Module):
+class Latent(RecordInit, nn.Module):
     """Base class of latents: ``sample(n)`` draws ``(n, *shape)``; ``log_prob(z)`` gives ``(n,)``."""
 
     shape: tuple[int, ...]

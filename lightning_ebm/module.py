@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import copy
 import math
+import pickle
+import re
 import time
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,7 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from . import _quiet_known_noise, density
+from . import _config, _quiet_known_noise, density
 from .energies import check_energy_output
 from .latents import Latent, ReplayBuffer
 from .metrics import mmd_rbf, sliced_wasserstein
@@ -87,6 +90,12 @@ class EBM(L.LightningModule):
         channels_last: bool = False,
     ) -> None:
         super().__init__()
+        # components may arrive as plain configs ({"class_path", "init_args"}): from a checkpoint or
+        # a pretrained directory; factories (optimizer, lr_scheduler) become functools.partial
+        energy, sampler, latent = (_config.build(v, k) for k, v in (("energy", energy), ("sampler", sampler),
+                                                                     ("latent", latent)))
+        optimizer = _config.build(optimizer, "optimizer", factory=True)
+        lr_scheduler = _config.build(lr_scheduler, "lr_scheduler", factory=True)
         if not isinstance(energy, nn.Module):
             raise TypeError(f"energy must be an nn.Module mapping (B, *shape) -> (B,), got {type(energy).__name__}")
         if not isinstance(sampler, Sampler):
@@ -108,7 +117,7 @@ class EBM(L.LightningModule):
             raise ValueError(f"EBM: channels_last=True needs image samples of shape (C, H, W), but the latent's "
                              f"shape is {tuple(latent.shape)}")
         with warnings.catch_warnings():
-            # components are kept in the hyper-parameters on purpose: load_from_checkpoint needs them
+            # components are kept in the hyper-parameters on purpose: checkpoints store them as configs
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
         self.energy = energy
@@ -430,12 +439,11 @@ class EBM(L.LightningModule):
         if self._trainer is not None and self.trainer.world_size > 1:
             # on_save_checkpoint runs on every rank but only rank 0 writes: gather what is per rank
             checkpoint["lightning_ebm"]["ranks"] = self._gather_rank_states()
-        hparams = checkpoint.get("hyper_parameters", {})
-        if isinstance(hparams.get("latent"), ReplayBuffer):
-            # the chains travel in state_dict; do not pickle a second copy with the hyper-parameters
-            stripped = copy.copy(hparams["latent"])
-            stripped.__dict__ = dict(stripped.__dict__, buffer=None)
-            hparams["latent"] = stripped
+        if "hyper_parameters" in checkpoint:  # components as plain configs: loads with weights_only=True
+            checkpoint["hyper_parameters"], problems = _config.hparams_to_config(checkpoint["hyper_parameters"])
+            for problem in problems:  # Python's warning filter shows each message once, not at every save
+                rank_zero_warn(f"EBM checkpoint: {problem}. The checkpoint resumes training all the same; "
+                               "where this part cannot be rebuilt, pass it to load_from_checkpoint")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         extra = checkpoint.get("lightning_ebm", {})
@@ -465,14 +473,61 @@ class EBM(L.LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, weights_only: bool | None = None,
-                             **kwargs: Any) -> EBM:
+                             allow_classes: Sequence[str] | None = None, **kwargs: Any) -> EBM:
         """Load a checkpoint written by ``EBM`` (see ``LightningModule.load_from_checkpoint``).
 
-        ``weights_only`` defaults to ``False`` because a checkpoint of a model built in Python
-        holds its components (energy, sampler, latent) pickled with the hyper-parameters; load
-        only checkpoints you trust. Checkpoints written by the ``lightning-ebm`` CLI hold plain
-        configs and also load with ``weights_only=True``.
+        Checkpoints hold their components as plain configs and load with torch's default
+        ``weights_only=True``. Rebuilding imports only classes of ``lightning_ebm``, ``torch.nn``,
+        ``torch.optim``, classes already imported, and ``allow_classes`` (class paths or module
+        prefixes, for your own classes in modules not imported yet). A component that could not
+        be recorded is passed as an argument (``energy=MyEnergy(...)``). ``weights_only=False``
+        reads older checkpoints with pickled components: only for checkpoints you trust.
         """
-        if weights_only is None:
-            weights_only = False
-        return super().load_from_checkpoint(checkpoint_path, *args, weights_only=weights_only, **kwargs)
+        try:
+            with _config.allowing(allow_classes):
+                return super().load_from_checkpoint(checkpoint_path, *args, weights_only=weights_only, **kwargs)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            what = f" (it pickles {found.group(1)})" if found else ""
+            raise _config.ComponentConfigError(
+                f"EBM.load_from_checkpoint: {checkpoint_path} holds pickled Python objects{what}, which torch "
+                "refuses to load with weights_only=True; it was written by an older lightning_ebm. If you trust "
+                "the file, load it with weights_only=False") from None
+
+    # ------------------------------------------------------------------ sharing (lightning_ebm.hub)
+    def save_pretrained(self, path: str | Path, *, include_replay_buffer: bool = False,
+                        metrics_csv: str | Path | None = None, sample_picture: bool = True) -> Path:
+        """Write the whole generator as a directory: config.json, model.safetensors, a model card.
+
+        No pickle: components are plain configs, weights are safetensors (the ``hub`` extra). See
+        ``lightning_ebm.hub.save_pretrained``.
+        """
+        from . import hub
+
+        return hub.save_pretrained(self, path, include_replay_buffer=include_replay_buffer,
+                                   metrics_csv=metrics_csv, sample_picture=sample_picture)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path, *, allow_classes: Sequence[str] | None = None,
+                        **kwargs: Any) -> EBM:
+        """Load a directory written by ``save_pretrained`` or a Hugging Face Hub repo holding one.
+
+        Imports only classes of ``lightning_ebm``, ``torch.nn``, ``torch.optim`` and
+        ``allow_classes``. See ``lightning_ebm.hub.from_pretrained`` for the other arguments.
+        """
+        from . import hub
+
+        model = hub.from_pretrained(path_or_repo_id, allow_classes=allow_classes, **kwargs)
+        if not isinstance(model, cls):
+            raise _config.ComponentConfigError(f"{cls.__name__}.from_pretrained: {path_or_repo_id} holds a "
+                                               f"{type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """``save_pretrained`` and upload to the Hugging Face Hub repo ``repo_id`` (created if needed).
+
+        See ``lightning_ebm.hub.push_to_hub`` for the arguments (token, private, commit_message, ...).
+        """
+        from . import hub
+
+        return hub.push_to_hub(self, repo_id, **kwargs)

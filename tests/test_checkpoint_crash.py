@@ -111,7 +111,7 @@ trainer.fit(tiny_ebm(), tiny_data())
 
 def run_child(tmp_path: Path, writer: str) -> subprocess.CompletedProcess:
     (tmp_path / "child.py").write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(tmp_path / "child.py"), writer, str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=600)
 

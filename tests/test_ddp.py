@@ -163,7 +163,7 @@ model:
 def cli_fit(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     """``python -m lightning_ebm.cli fit`` on two CPU processes; Lightning re-launches it for rank 1."""
     (tmp_path / "replay.yaml").write_text(REPLAY)
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "lightning_ebm.cli", "fit",
         "--config", str(ROOT / "configs" / "toy2d.yaml"), "--config", str(tmp_path / "replay.yaml"),

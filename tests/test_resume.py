@@ -28,7 +28,7 @@ def fit(root: Path, max_steps: int, ckpt_path: Path | None = None, seed: int = 0
     checkpoint = ModelCheckpoint(dirpath=root, **checkpoint_kwargs)
     guard = DivergenceGuard(mode="rollback", snapshot_every_n_steps=2)
     trainer = tiny_trainer(root, max_steps=max_steps, callbacks=[checkpoint, guard])
-    trainer.fit(model, data, ckpt_path=ckpt_path, weights_only=False)  # a model built in Python
+    trainer.fit(model, data, ckpt_path=ckpt_path)  # a model built in Python, loaded with weights_only=True
     return training_state(trainer, model)
 
 
@@ -44,7 +44,7 @@ def reference(tmp_path_factory):
 def test_reference_run_is_what_the_comparisons_assume(reference):
     state, mid = reference
     assert state["global_step"] == 2 * N and state["data"] == {"position": 4, "count": 2 * N}
-    assert torch.load(mid, weights_only=False)["global_step"] == N
+    assert torch.load(mid, weights_only=True)["global_step"] == N
 
 
 def test_resuming_a_checkpoint_written_mid_run_continues_the_same_run(reference, tmp_path):
@@ -78,7 +78,7 @@ def _drop_data_stream(ckpt):
 def test_each_saved_stream_matters(reference, tmp_path, drop):
     """Negative control: without any one of the saved states the resumed run is another run."""
     state, mid = reference
-    ckpt = torch.load(mid, weights_only=False)
+    ckpt = torch.load(mid, weights_only=True)
     drop(ckpt)
     torch.save(ckpt, tmp_path / "partial.ckpt")
     resumed = fit(tmp_path, 2 * N, ckpt_path=tmp_path / "partial.ckpt", seed=123)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._config import RecordInit
 from ..energies import check_energy_output
 
 __all__ = ["Sampler", "energy_grad", "StepCallback"]
@@ -42,7 +43,7 @@ def _check_positive(owner: str, name: str, value: Any, integer: bool = False) ->
         raise ValueError(f"{owner}: {name} must be {kind}, got {value!r}")
 
 
-class Sampler:
+class Sampler(RecordInit):
     """Base class of the generator dynamics.
 
     Subclasses implement ``_run``. Every sampler:

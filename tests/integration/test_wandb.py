@@ -14,7 +14,7 @@ import yaml
 from lightning_ebm.cli import main
 
 wandb = pytest.importorskip("wandb")
-from test_images_configs import CONFIGS, shrink  # noqa: E402
+from test_configs import CONFIGS, shrink  # noqa: E402
 from wandb.proto import wandb_internal_pb2  # noqa: E402
 
 

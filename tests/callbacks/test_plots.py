@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from matplotlib.image import imread
-from test_module import make_model, make_trainer, tiny_data
+from module_helpers import make_model, make_trainer, tiny_data
 
 from lightning_ebm.callbacks import Plot2D, log_image
 from lightning_ebm.callbacks.plots import energy_on_grid

@@ -16,7 +16,7 @@ from lightning_ebm.data import Toy2DDataModule
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class _Poisoned:

@@ -47,7 +47,8 @@ def test_generator_makes_draws_reproducible(latent):
         (lambda: Uniform(shape=()), "shape"),
         (lambda: Gaussian(shape=(2,), std=0.0), "std must be a positive finite number, got 0.0"),
         (lambda: ReplayBuffer(Uniform((2,)), capacity=0), "capacity must be a positive integer, got 0"),
-        (lambda: ReplayBuffer(Uniform((2,)), reinit_prob=1.5), r"reinit_prob must be in \[0, 1\], got 1.5"),
+        (lambda: ReplayBuffer(Uniform((2,)), reinit_prob=1.5),
+         "reinit_prob must be a finite number with 0.0 <= x <= 1.0, got 1.5"),
         (lambda: ReplayBuffer(ReplayBuffer(Uniform((2,)))), "non-buffer Latent"),
     ],
 )

@@ -28,7 +28,7 @@ from lightning_ebm.cli import EBMCLI
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 CHILD = r'''
 import builtins, os, signal, sys

@@ -15,7 +15,7 @@ from matplotlib.image import imread
 
 from lightning_ebm.cli import main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 IMAGE_CONFIGS = [
     "digits.yaml",
     "digits_wandb.yaml",

@@ -16,7 +16,7 @@ import yaml
 from lightning_ebm import EBM
 from lightning_ebm.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 

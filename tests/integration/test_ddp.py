@@ -36,7 +36,7 @@ from lightning_ebm.module import _EVAL_SEED_OFFSET
 
 pytestmark = [pytest.mark.ddp, pytest.mark.usefixtures(single_thread.__name__)]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N = 4  # steps before the checkpoint; 2N in all (batches_per_epoch is 5: the checkpoint is mid-epoch)
 
 

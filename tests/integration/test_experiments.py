@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 
 import run as driver  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = ["--trainer.max_steps=4", "--trainer.val_check_interval=2", "--data.init_args.batches_per_epoch=4",
         "--data.init_args.num_val=64", "--model.init_args.sampler.init_args.steps=3"]

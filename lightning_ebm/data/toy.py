@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..density import histogram_2d, histogram_lookup
+from ..density.grid import histogram_2d, histogram_lookup
 
 __all__ = ["TOY_DATASETS", "TOY_LOG_DENSITIES", "sample_toy", "toy_log_density", "Toy2DDataModule",
            "ToyBatchStream"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
 from .._checks import ArgumentError, check_bool, check_choice, check_float
@@ -103,13 +103,17 @@ class ODE(Sampler):
         """``gradient_flow`` with this sampler's gradient clipping."""
         return Flow(gradient_flow, (self.grad_clip,))
 
+    def vector_field(self, energy: nn.Module) -> VectorField:
+        """``f(t, x)`` for ``energy`` on this sampler's backend (eager or compiled), counting evaluations."""
+        return VectorField(self.flow(), energy, compile=self.compile, owner=type(self).__name__)
+
     def _run(self, energy, x0, generator, return_trajectory, callback, differentiable_steps=0):
         if differentiable_steps:
             if return_trajectory or callback is not None:
                 raise ValueError("ODE: return_trajectory and callback are not supported with "
                                  "differentiable_steps")
             return self._run_unrolled(energy, x0, differentiable_steps), None
-        field = VectorField(self.flow(), energy, compile=self.compile, owner=type(self).__name__)
+        field = self.vector_field(energy)
         t = self.time_grid(device=x0.device, dtype=x0.dtype)
         if not return_trajectory and callback is None:
             t = t[[0, -1]]

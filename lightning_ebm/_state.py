@@ -21,11 +21,13 @@ from torch import Tensor
 
 from .latents import PersistentLatent
 
-__all__ = ["RunState", "WEIGHT_KEYS"]
+__all__ = ["RAW_WEIGHTS_KEY", "RunState", "WEIGHT_KEYS", "persistent_latents"]
 
-#: the checkpoint entries that hold module weights: the module's own, and the raw weights that
-#: Lightning's weight averaging (``callbacks.EMA``) keeps beside the average and reloads after it
-WEIGHT_KEYS = ("state_dict", "current_model_state")
+#: where Lightning's weight averaging (``callbacks.EMA``) keeps the raw weights beside the average
+#: (in ``state_dict``) and reloads them from, after the module
+RAW_WEIGHTS_KEY = "current_model_state"
+#: the checkpoint entries that hold module weights, and so the chains' extra state
+WEIGHT_KEYS = ("state_dict", RAW_WEIGHTS_KEY)
 
 _KEY = "lightning_ebm"
 

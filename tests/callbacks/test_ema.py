@@ -150,7 +150,7 @@ def test_ema_is_used_for_validation_sampling_and_checkpoints(tmp_path):
 
 
 def test_ema_rejects_bad_decay():
-    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\), got 1.5"):
+    with pytest.raises(ValueError, match=r"EMA: decay must be a finite number in \[0, 1\), got 1.5"):
         EMA(decay=1.5)
     with pytest.raises(ValueError, match="num_frames must be an integer >= 2"):
         SampleGrid(num_frames=1)

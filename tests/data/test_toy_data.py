@@ -37,7 +37,8 @@ def test_checkerboard_occupies_alternate_squares():
 
 
 def test_unknown_name_is_named():
-    with pytest.raises(ValueError, match=r"unknown toy dataset name='banana'.*8gaussians"):
+    with pytest.raises(ValueError,
+                       match=r"Toy2DDataModule: name \(the toy dataset\) must be one of .*'8gaussians'.*got 'banana'"):
         Toy2DDataModule(name="banana")
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         Toy2DDataModule(batch_size=0)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ebm.energies import ConvEnergy, ResNetEnergy
+from lightning_ebm._checks import ArgumentError
+from lightning_ebm.energies import ConvEnergy, MLPEnergy, ResNetEnergy
 from lightning_ebm.samplers import GradientDescent
 
 SIZES = [(1, 8), (1, 28), (3, 32), (3, 64)]
@@ -90,3 +91,26 @@ def test_energies_work_under_the_samplers_and_need_matching_inputs():
 def test_conv_energy_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ConvEnergy(**{"in_channels": 1, "width": 4, "image_size": 8, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: MLPEnergy(dim=True), r"MLPEnergy: dim must be a positive integer, got True"),
+        (lambda: MLPEnergy(dim=2, hidden="64"), r"MLPEnergy: hidden must be a positive integer, got '64'"),
+        (lambda: MLPEnergy(dim=2, spectral_norm=1), r"MLPEnergy: spectral_norm must be True or False, got 1"),
+        (lambda: ConvEnergy(image_size=True), r"ConvEnergy: image_size must be an integer >= 4 or a pair"),
+        (lambda: ConvEnergy(image_size=None), r"ConvEnergy: image_size must be an integer >= 4 or a pair"),
+        (lambda: ResNetEnergy(num_blocks=0), r"ResNetEnergy: num_blocks must be a positive integer, got 0"),
+        (lambda: ResNetEnergy(activation="gelu"), r"ResNetEnergy: activation must be one of 'leaky_relu', 'silu', "
+                                                  r"got 'gelu'"),
+    ],
+)
+def test_energies_reject_bools_and_wrong_types_with_the_librarys_message(build, match):
+    with pytest.raises(ArgumentError, match=match):
+        build()
+
+
+def test_integral_floats_from_yaml_are_accepted_as_integers():
+    energy = MLPEnergy(dim=2.0, hidden=8.0, num_layers=1.0)
+    assert energy(torch.zeros(3, 2)).shape == (3,)

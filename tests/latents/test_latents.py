@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lightning_ebm._checks import ArgumentError
 from lightning_ebm.latents import Gaussian, ReplayBuffer, Uniform
 
 
@@ -125,3 +126,23 @@ def test_replay_buffer_sample_serves_any_number_without_writing():
     assert all(any(torch.equal(row, slot) for slot in before) for row in z)
     buffer.sample(5, generator=g)
     torch.testing.assert_close(buffer.buffer, before)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: ReplayBuffer(Uniform((2,)), capacity=True),
+         r"ReplayBuffer: capacity must be a positive integer, got True"),
+        (lambda: Uniform((2,), low="a"), r"Uniform: low must be a finite number, got 'a'"),
+        (lambda: Uniform((2,), high=float("nan")), r"Uniform: high must be a finite number, got nan"),
+        (lambda: Gaussian("ab"), r"Gaussian: shape must be a non-empty sequence of positive integers, got 'ab'"),
+        (lambda: Gaussian((2,), mean=None), r"Gaussian: mean must be a finite number, got None"),
+        (lambda: ReplayBuffer("noise"), r"ReplayBuffer: latent must be a Uniform, Gaussian or other non-buffer "
+                                        r"Latent, got str 'noise'"),
+        (lambda: Uniform((2,)).sample(True), r"Uniform.sample: n \(the number of samples\) must be a positive "
+                                             r"integer, got True"),
+    ],
+)
+def test_wrong_types_get_the_librarys_message_not_pythons(build, match):
+    with pytest.raises(ArgumentError, match=match):
+        build()

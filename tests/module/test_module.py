@@ -8,6 +8,7 @@ from conftest import QuadraticEnergy, random_spd
 from module_helpers import make_model, make_trainer, tiny_data
 
 from lightning_ebm import EBM
+from lightning_ebm._checks import ArgumentError
 from lightning_ebm.energies import MLPEnergy
 from lightning_ebm.latents import Gaussian, ReplayBuffer, Uniform
 from lightning_ebm.samplers import GradientDescent, Langevin
@@ -151,3 +152,19 @@ def test_bad_constructor_arguments_are_named(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         EBM(**args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_negatives=True), r"EBM: num_negatives must be a positive integer or None, got True"),
+        (dict(check_finite="yes"), r"EBM: check_finite must be True or False, got 'yes'"),
+        (dict(alpha="0.1"), r"EBM: alpha must be a finite number >= 0, got '0.1'"),
+        (dict(rng_seed=1.5), r"EBM: rng_seed must be an integer or None, got 1.5"),
+        (dict(energy=lambda x: x), r"EBM: energy must be an nn.Module mapping \(B, \*shape\) -> \(B,\), got function"),
+    ],
+)
+def test_wrong_types_get_the_librarys_message(kwargs, match):
+    args = dict(energy=MLPEnergy(dim=2), sampler=GradientDescent(steps=2, step_size=0.1), latent=Uniform((2,)))
+    with pytest.raises(ArgumentError, match=match):
+        EBM(**{**args, **kwargs})

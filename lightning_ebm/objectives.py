@@ -30,7 +30,7 @@ from .energies import check_energy_output
 from .latents import Latent, PersistentLatent
 from .samplers import Sampler
 
-__all__ = ["Objective", "MaximumLikelihood"]
+__all__ = ["Objective", "MaximumLikelihood", "TrainingStep"]
 
 
 @dataclass

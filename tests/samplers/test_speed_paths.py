@@ -1,8 +1,8 @@
-"""Speed paths: compiled dynamics equal eager, memory independent of K, bf16-mixed, channels_last.
+"""Speed paths of the samplers: compile time, CUDA graphs, memory independent of K, bf16, channels_last.
 
-Nothing here is timed (speed claims live in ``benchmarks/run.py``). torch.compile takes seconds
-per graph on a CPU, so the compiled cases share one energy and one input shape and each
-configuration compiles once for the whole module.
+Compiled-equals-eager for every exported sampler is part of the contract (tests/contracts). Nothing
+here is timed (speed claims live in ``benchmarks/run.py``). Training under these paths is in
+tests/module/test_speed_training.py.
 """
 
 from __future__ import annotations
@@ -10,22 +10,17 @@ from __future__ import annotations
 import copy
 import gc
 import importlib.util
-import math
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from conftest import QuadraticEnergy, random_spd
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ebm import EBM
 from lightning_ebm.energies import MLPEnergy
-from lightning_ebm.latents import Gaussian, Uniform
 from lightning_ebm.samplers import ODE, GradientDescent, Langevin
 
-_spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).parents[1] / "benchmarks" / "run.py")
+_spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).parents[2] / "benchmarks" / "run.py")
 bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
@@ -78,50 +73,6 @@ def test_compiled_gradient_descent_is_the_matrix_power():
     torch.testing.assert_close(sampler(energy, z), expected, rtol=1e-12, atol=1e-12)
     assert sampler.compile_time == first  # same signature: nothing compiled, nothing counted
     assert "compile_time" not in repr(sampler) and "compile=True" in repr(sampler)
-
-
-COMPILED_CASES = {
-    "gd": lambda compile: GradientDescent(steps=6, step_size=0.05, compile=compile),
-    "langevin_clip_clamp": lambda compile: Langevin(steps=6, step_size=0.05, noise_std=0.1, grad_clip=0.5,
-                                                    clamp=(-2.0, 2.0), compile=compile),
-    "ode_rk4": lambda compile: ODE(t_end=0.3, method="rk4", step_size=0.05, compile=compile),
-}
-
-
-@pytest.mark.parametrize("case", sorted(COMPILED_CASES))
-def test_compiled_equals_eager_with_trajectory_and_callback(mlp, case):
-    start = x0()
-    runs = []
-    for compile in (False, True):
-        sampler, seen = COMPILED_CASES[case](compile), []
-        x, traj = sampler(mlp, start, generator=torch.Generator().manual_seed(1), return_trajectory=True,
-                          callback=lambda info, seen=seen: seen.append(info["x"]))
-        runs.append((x, traj, torch.stack(seen), sampler.last_nfe))
-        assert not x.requires_grad and not traj.requires_grad
-        assert all(p.grad is None for p in mlp.parameters())
-    (x_e, traj_e, seen_e, nfe_e), (x_c, traj_c, seen_c, nfe_c) = runs
-    assert not torch.equal(x_e, start)
-    torch.testing.assert_close(x_c, x_e, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(traj_c, traj_e, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(seen_c, seen_e, rtol=1e-5, atol=1e-6)
-    assert nfe_c == nfe_e
-
-
-def test_training_with_the_compiled_sampler_follows_the_eager_run(tmp_path):
-    """Three Trainer steps with compile=True end at the same parameters as with the eager sampler."""
-    data = DataLoader(TensorDataset(x0(seed=5)), batch_size=SHAPE[0])
-    finals = []
-    for compile in (False, True):
-        torch.manual_seed(0)
-        sampler = Langevin(steps=6, step_size=0.05, noise_std=0.1, grad_clip=0.5, clamp=(-2.0, 2.0), compile=compile)
-        model = EBM(MLPEnergy(dim=2, hidden=32, num_layers=2), sampler, Uniform((2,), low=-2.0, high=2.0), rng_seed=0)
-        initial = torch.cat([p.detach().flatten() for p in model.parameters()])
-        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-        trainer.fit(model, train_dataloaders=data)
-        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert (finals[0] - initial).abs().max() > 1e-4  # training moved them
-    torch.testing.assert_close(finals[1], finals[0], rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_path_keeps_the_clear_energy_shape_error():
@@ -210,26 +161,6 @@ def test_peak_memory_measurement_sees_torch_allocations():
     assert bench.peak_bytes(allocate, torch.device("cpu")) == 6_000_000
 
 
-MEMORY_CASES = {
-    "gd": lambda k: GradientDescent(steps=k, step_size=0.05),
-    "langevin": lambda k: Langevin(steps=k, step_size=0.05, noise_std=0.1),
-    "gd_compiled": lambda k: GradientDescent(steps=k, step_size=0.05, compile=True),
-    "ode_euler": lambda k: ODE(t_end=0.05 * k, method="euler", step_size=0.05),
-}
-
-
-@pytest.mark.parametrize("case", sorted(MEMORY_CASES))
-def test_sampling_memory_does_not_grow_with_steps(mlp, case):
-    start = x0()
-    peaks = []
-    for k in (10, 60):
-        sampler = MEMORY_CASES[case](k)
-        sampler(mlp, start)  # warm-up (and compile) outside the measurement
-        peaks.append(bench.peak_bytes(lambda sampler=sampler: sampler(mlp, start), torch.device("cpu")))
-    assert peaks[0] > start.numel() * 4  # it saw the activations
-    assert peaks[1] / peaks[0] < 1.05, peaks
-
-
 def test_memory_measurement_sees_growth_with_steps(mlp):
     """The control: keeping every state (the trajectory) does grow with K, and the measurement shows it."""
     start, cpu = x0(), torch.device("cpu")
@@ -268,36 +199,6 @@ def test_autocast_bf16_keeps_the_update_in_float32(compile):
     assert x.max() < 1 - k * s / 2
 
 
-class RecordingSampler(GradientDescent):
-    """GradientDescent that records the autocast state and dtypes it saw on every call."""
-
-    def __call__(self, energy, x0, **kwargs):
-        x = super().__call__(energy, x0, **kwargs)
-        self.__dict__.setdefault("_calls", []).append(
-            {"autocast": torch.is_autocast_enabled("cpu"), "x0": x0, "x": x,
-             "energy_dtype": energy(x0[:2]).dtype})
-        return x
-
-
-def test_bf16_mixed_training_samples_and_updates_in_float32(tmp_path):
-    torch.manual_seed(0)
-    sampler = RecordingSampler(steps=4, step_size=0.05)
-    model = EBM(MLPEnergy(dim=2, hidden=32), sampler, Uniform((2,), low=-2.0, high=2.0), rng_seed=0)
-    data = DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=32)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, precision="bf16-mixed", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)
-    trainer.fit(model, train_dataloaders=data)
-    calls = sampler._calls
-    assert len(calls) == 2
-    for call in calls:
-        assert call["autocast"] and call["energy_dtype"] == torch.bfloat16
-        assert call["x0"].dtype == call["x"].dtype == torch.float32
-        assert torch.isfinite(call["x"]).all()
-    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-
-
 # ---------------------------------------------------------------- channels_last
 @pytest.mark.parametrize("make", [lambda: GradientDescent(steps=4, step_size=0.1),
                                   lambda: Langevin(steps=4, step_size=0.1, noise_std=0.05),
@@ -313,27 +214,3 @@ def test_channels_last_gives_the_same_samples_and_keeps_the_format(make):
     out = make()(energy_cl, start.contiguous(memory_format=CL), generator=torch.Generator().manual_seed(2))
     assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-
-
-def test_ebm_channels_last_trains_and_generates_in_channels_last(tmp_path):
-    torch.manual_seed(0)
-    sampler = RecordingSampler(steps=3, step_size=0.1)
-    model = EBM(TinyConv(), sampler, Gaussian((3, 8, 8)), channels_last=True, rng_seed=0)
-    assert model.energy.net[2].weight.is_contiguous(memory_format=CL)
-    data = DataLoader(TensorDataset(torch.randn(16, 3, 8, 8)), batch_size=8)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    trainer.fit(model, train_dataloaders=data)
-    assert len(sampler._calls) == 2
-    assert all(c["x0"].is_contiguous(memory_format=CL) and c["x"].is_contiguous(memory_format=CL)
-               for c in sampler._calls)
-    assert model._data((torch.randn(2, 3, 8, 8),), 0, "test").is_contiguous(memory_format=CL)
-    assert model.generate(5).is_contiguous(memory_format=CL)
-    assert math.isfinite(float(trainer.callback_metrics["train/loss"]))
-
-
-def test_channels_last_needs_image_samples():
-    with pytest.raises(ValueError, match=r"channels_last=True needs image samples of shape \(C, H, W\).*\(2,\)"):
-        EBM(MLPEnergy(dim=2), GradientDescent(steps=1, step_size=0.1), Uniform((2,)), channels_last=True)
-    with pytest.raises(ValueError, match="channels_last must be True or False"):
-        EBM(TinyConv(), GradientDescent(steps=1, step_size=0.1), Gaussian((3, 8, 8)), channels_last="yes")

@@ -86,12 +86,19 @@ model:
       init_args: {alpha: 0.25, generator_loss_weight: 0.5}
 data:
   class_path: lightning_ebm.data.Toy2DDataModule
-trainer: {logger: false, accelerator: cpu}
+trainer: {logger: false, accelerator: cpu, enable_model_summary: false}
 """)
-    cli = EBMCLI(args=["--config", str(config), f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = EBMCLI(args=["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path}",
+                       "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false",
+                       "--model.init_args.sampler.init_args.steps=1", "--data.init_args.batches_per_epoch=2"])
     objective = cli.model.objective
     assert type(objective) is MaximumLikelihood
     assert (objective.alpha, objective.generator_loss_weight, objective.generator_loss_steps) == (0.25, 0.5, 1)
+    assert "train/generator_loss" in cli.trainer.callback_metrics
+    # the CLI's checkpoint holds the objective as plain config: it loads with weights_only=True
+    (ckpt,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    loaded = EBM.load_from_checkpoint(ckpt, weights_only=True)
+    assert type(loaded.objective) is MaximumLikelihood and loaded.objective.alpha == 0.25
 
 
 # ------------------------------------------------------------------ a new objective in one class

@@ -275,6 +275,9 @@ class EBM(L.LightningModule):
     # ------------------------------------------------------------------ training
     def critic_loss(self, e_data: Tensor, e_gen: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """The critic loss and its parts (the objective's, ``MaximumLikelihood.critic_loss``)."""
+        if not hasattr(self.objective, "critic_loss"):
+            raise AttributeError(f"EBM.critic_loss is the maximum-likelihood critic loss; the objective "
+                                 f"{self.objective!r} has none")
         return self.objective.critic_loss(e_data, e_gen)
 
     def generator_loss(self, x_gen: Tensor) -> Tensor:

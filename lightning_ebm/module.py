@@ -104,6 +104,7 @@ class EBM(L.LightningModule):
         self.channels_last = check_bool("EBM", "channels_last", channels_last)
         self.generator_loss_weight = check_float("EBM", "generator_loss_weight", generator_loss_weight, minimum=0)
         self.generator_loss_steps = check_int("EBM", "generator_loss_steps", generator_loss_steps, minimum=1)
+        self.rng_seed = check_int("EBM", "rng_seed", rng_seed, allow_none=True)
         if not callable(optimizer):
             raise fail("EBM", "optimizer", "a callable params -> Optimizer", optimizer)
         if channels_last and len(latent.shape) != 3:
@@ -125,8 +126,7 @@ class EBM(L.LightningModule):
         if channels_last:
             self.energy.to(memory_format=torch.channels_last)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.rng_seed = check_int("EBM", "rng_seed", rng_seed, allow_none=True)
-        self._run_state = RunState(rng_seed)
+        self._run_state = RunState(self.rng_seed)
         self._val_batches: list[Tensor] = []
         self._last_step_time: float | None = None
 

@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_int
+from .._checks import ArgumentError, check_int, check_pair
 from ..latents import Latent
 from ..samplers import Sampler
 from .estimators import Estimator, check_autograd
@@ -62,8 +62,8 @@ def _setup(sampler: Sampler, latent: Latent, x: Tensor, trace: str | None, num_p
     check_int(what, "num_probes", num_probes, minimum=1)
     check_int(what, "series_terms", series_terms, minimum=1)
     if not isinstance(x, Tensor) or not x.is_floating_point() or tuple(x.shape[1:]) != tuple(latent.shape):
-        raise ValueError(f"{what}: expected a floating-point tensor of shape (B, *{tuple(latent.shape)}), "
-                         f"got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        raise ArgumentError(f"{what}: expected a floating-point tensor of shape (B, *{tuple(latent.shape)}), "
+                            f"got {getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
     return Estimator.build(trace, x, num_probes, series_terms, generator)
 
 
@@ -198,11 +198,8 @@ def bits_per_dim(log_prob: Tensor, num_dims: int, data_range: tuple[float, float
     and this returns that bound divided by ``D``. A uniform ``q`` on ``[low, high]^D`` gives
     exactly ``log2(num_levels)``.
     """
-    low, high = float(data_range[0]), float(data_range[1])
-    if not high > low:
-        raise ValueError(f"data_range must be (low, high) with low < high, got {data_range!r}")
-    if not isinstance(num_dims, int) or num_dims < 1 or not isinstance(num_levels, int) or num_levels < 2:
-        raise ValueError(f"num_dims must be a positive integer and num_levels an integer >= 2, got "
-                         f"num_dims={num_dims!r}, num_levels={num_levels!r}")
+    low, high = check_pair("bits_per_dim", "data_range", data_range)
+    num_dims = check_int("bits_per_dim", "num_dims", num_dims, minimum=1)
+    num_levels = check_int("bits_per_dim", "num_levels", num_levels, minimum=2)
     log_bin = num_dims * math.log((high - low) / num_levels)
     return -(log_prob + log_bin) / (num_dims * math.log(2.0))

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import ArgumentError, check_int
+
 __all__ = [
     "grid_2d",
     "normalise_on_grid",
@@ -24,6 +26,17 @@ __all__ = [
     "kde_log_density",
 ]
 
+def _is_bounds(bounds: object) -> bool:
+    """``(xmin, xmax, ymin, ymax)`` of finite numbers with ``xmin < xmax`` and ``ymin < ymax``."""
+    if isinstance(bounds, (str, bytes)) or not isinstance(bounds, Sequence) or len(bounds) != 4:
+        return False
+    try:
+        b = [float(v) for v in bounds]
+    except (TypeError, ValueError):
+        return False
+    return all(math.isfinite(v) for v in b) and b[0] < b[1] and b[2] < b[3]
+
+
 def grid_2d(bounds: Sequence[float], size: int, device: torch.device | str | None = None,
             dtype: torch.dtype = torch.float32) -> tuple[Tensor, float]:
     """Cell centres ``(size * size, 2)`` of a regular grid on ``(xmin, xmax, ymin, ymax)`` and the cell area.
@@ -32,11 +45,10 @@ def grid_2d(bounds: Sequence[float], size: int, device: torch.device | str | Non
     an image with ``y`` along the first axis (``imshow(..., origin="lower")``). Sums over the
     cells times the area are midpoint-rule integrals.
     """
-    if len(bounds) != 4 or not (bounds[0] < bounds[1] and bounds[2] < bounds[3]):
-        raise ValueError(f"bounds must be (xmin, xmax, ymin, ymax) with xmin < xmax and ymin < ymax, "
+    if not _is_bounds(bounds):
+        raise ArgumentError(f"grid_2d: bounds must be (xmin, xmax, ymin, ymax) with xmin < xmax and ymin < ymax, "
                          f"got {bounds!r}")
-    if not isinstance(size, int) or size < 2:
-        raise ValueError(f"size must be an integer >= 2, got {size!r}")
+    size = check_int("grid_2d", "size", size, minimum=2)
     dx, dy = (bounds[1] - bounds[0]) / size, (bounds[3] - bounds[2]) / size
     xs = bounds[0] + dx * (torch.arange(size, dtype=torch.float64) + 0.5)
     ys = bounds[2] + dy * (torch.arange(size, dtype=torch.float64) + 0.5)
@@ -115,8 +127,7 @@ def histogram_2d(samples: Tensor, bounds: Sequence[float], bins: int) -> Tensor:
     """
     if samples.ndim != 2 or samples.shape[1] != 2:
         raise ValueError(f"samples must be (N, 2), got {tuple(samples.shape)}")
-    if not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be a positive integer, got {bins!r}")
+    bins = check_int("histogram_2d", "bins", bins, minimum=1)
     flat, inside = _cells(samples, bounds, bins)
     counts = torch.bincount(flat[inside], minlength=bins * bins).double()
     area = (bounds[1] - bounds[0]) * (bounds[3] - bounds[2]) / bins**2

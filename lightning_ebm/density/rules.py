@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint
 
+from .._checks import check_float, check_int
 from ..samplers import ODE, GradientDescent, Sampler, energy_grad
 from .estimators import Estimator
 
@@ -72,6 +73,8 @@ def invert_descent_step(
     It stops when every point moves by at most ``tol * (1 + max|x|)`` (default ``32 * eps`` of
     the dtype) and raises a ``ValueError`` naming the step when it does not within ``max_iter``.
     """
+    tol = check_float("invert_descent_step", "tol", tol, minimum=0, strict=True, allow_none=True)
+    max_iter = check_int("invert_descent_step", "max_iter", max_iter, minimum=1)
     tol = _default_tol(y.dtype) if tol is None else tol
     y = y.detach()
     x = y + step_size * energy_grad(energy, y)

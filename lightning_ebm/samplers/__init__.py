@@ -6,9 +6,9 @@ returns its update from ``dynamics()`` as ``Steps`` (or its vector field as a ``
 is exported here; the eager, compiled and CUDA-graph backends run it unchanged.
 """
 
-from .base import Flow, GradFn, Sampler, State, Steps, clip_grad, energy_grad
+from .base import Flow, GradFn, Sampler, State, Steps, clip_grad, energy_and_grad, energy_grad
 from .descent import GradientDescent, Langevin
 from .ode import ODE
 
-__all__ = ["Sampler", "GradientDescent", "Langevin", "ODE", "energy_grad", "clip_grad", "Steps", "Flow", "State",
-           "GradFn"]
+__all__ = ["Sampler", "GradientDescent", "Langevin", "ODE", "energy_grad", "energy_and_grad", "clip_grad", "Steps",
+           "Flow", "State", "GradFn"]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..energies import check_energy_output
-from .base import Flow, State, StepCallback, Steps, energy_grad
+from .base import Flow, GradFn, State, StepCallback, Steps, energy_and_grad, energy_grad
 
 __all__ = ["Run", "run_steps", "VectorField", "func_energy_grad"]
 
@@ -56,22 +56,40 @@ def func_energy_grad(energy: nn.Module, x: Tensor) -> Tensor:
     return torch.func.grad(lambda y: energy(y).sum())(x)
 
 
-def _autograd(energy: nn.Module, create_graph: bool) -> Callable[[Tensor], Tensor]:
-    return lambda x: energy_grad(energy, x, create_graph=create_graph)
+def _sum_and_values(energy: nn.Module, y: Tensor) -> tuple[Tensor, Tensor]:
+    e = energy(y)
+    return e.sum(), e
+
+
+def _func(energy: nn.Module) -> GradFn:
+    """The ``GradFn`` of compiled steps: ``torch.func`` transforms, which trace into one graph."""
+
+    def grad(x: Tensor, with_energy: bool = False) -> Any:
+        if with_energy:  # (grad, E) in the same pass
+            return torch.func.grad(functools.partial(_sum_and_values, energy), has_aux=True)(x)
+        return func_energy_grad(energy, x)
+
+    return grad
+
+
+def _autograd(energy: nn.Module, create_graph: bool) -> GradFn:
+    """The ``GradFn`` of eager steps: ``torch.autograd.grad`` on the input."""
+
+    def grad(x: Tensor, with_energy: bool = False) -> Any:
+        if with_energy:
+            e, g = energy_and_grad(energy, x, create_graph=create_graph)
+            return g, e
+        return energy_grad(energy, x, create_graph=create_graph)
+
+    return grad
 
 
 def _step(update: Callable, energy: nn.Module, state: State, noise: tuple, k: Tensor, constants: tuple) -> Any:
-    def grad(x: Tensor) -> Tensor:
-        return func_energy_grad(energy, x)
-
-    return update(grad, state, noise, k, *constants)
+    return update(_func(energy), state, noise, k, *constants)
 
 
 def _field(field: Callable, energy: nn.Module, x: Tensor, constants: tuple) -> Tensor:
-    def grad(y: Tensor) -> Tensor:
-        return func_energy_grad(energy, y)
-
-    return field(grad, x, *constants)
+    return field(_func(energy), x, *constants)
 
 
 @functools.cache

@@ -17,14 +17,16 @@ from torch import Tensor, nn
 from .._checks import ArgumentError, check_bool, check_float, check_int, check_pair
 from ..energies import check_energy_output
 
-__all__ = ["Sampler", "Steps", "Flow", "State", "GradFn", "energy_grad", "clip_grad", "StepCallback"]
+__all__ = ["Sampler", "Steps", "Flow", "State", "GradFn", "energy_grad", "energy_and_grad", "clip_grad",
+           "StepCallback"]
 
 #: called after every step with a dict holding at least ``step`` (1-based) and ``x``
 StepCallback = Callable[[dict[str, Any]], None]
 #: a sampler's state between steps; ``state[0]`` is the position ``x``
 State = tuple[Tensor, ...]
-#: ``x -> grad_x E(x)``, given to an update by the backend that runs it
-GradFn = Callable[[Tensor], Tensor]
+#: given to an update by the backend that runs it: ``grad(x) -> grad_x E(x)``, and
+#: ``grad(x, with_energy=True) -> (grad_x E(x), E(x))`` for updates that also need the energy (MCMC)
+GradFn = Callable[..., Any]
 
 
 def energy_grad(energy: nn.Module, x: Tensor, create_graph: bool = False) -> Tensor:
@@ -36,13 +38,18 @@ def energy_grad(energy: nn.Module, x: Tensor, create_graph: bool = False) -> Ten
     dynamics) the result stays differentiable in the energy's parameters and in ``x`` when
     ``x`` already carries a graph.
     """
+    return energy_and_grad(energy, x, create_graph)[1]
+
+
+def energy_and_grad(energy: nn.Module, x: Tensor, create_graph: bool = False) -> tuple[Tensor, Tensor]:
+    """``(E(x), grad_x E(x))`` from one forward and one input-backward pass (see ``energy_grad``)."""
     with torch.enable_grad():
         if not (create_graph and x.requires_grad):
             x = x.detach().requires_grad_(True)
         e = energy(x)
         check_energy_output(e, x)
         (g,) = torch.autograd.grad(e.sum(), x, create_graph=create_graph)
-    return g
+    return (e if create_graph else e.detach()), g
 
 
 def clip_grad(g: Tensor, limit: float | None) -> Tensor:
@@ -55,7 +62,8 @@ class Steps:
     """A discrete sampler's dynamics as the backends run them: one update, its constants, ``num_steps``.
 
     ``update(grad, state, noise, k, *constants) -> (state, extras)``: ``grad(x)`` is the energy
-    gradient (the backend's: autograd eagerly, ``torch.func`` when compiled), ``state`` a tuple
+    gradient (the backend's: autograd eagerly, ``torch.func`` when compiled; ``grad(x,
+    with_energy=True)`` also returns the energies, for an accept/reject), ``state`` a tuple
     whose first entry is the position, ``noise`` the tuple ``draw(x, generator)`` returned for
     this step (``()`` without ``draw``), ``k`` the 0-based step index as a 0-dim int64 tensor.
     ``extras`` (tensors) reach the step callback. The update must be a module-level function of

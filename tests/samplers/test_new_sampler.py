@@ -84,6 +84,66 @@ class TestHeavyBallContract(SamplerContract):
         assert seen == [["grad", "step", "velocity", "x"]] * 5
 
 
+# ---------------------------------------------------------------- a sampler with an accept/reject
+def monotone_update(grad: GradFn, state: State, noise: tuple, k: Tensor, step_size: float) -> tuple[State, dict]:
+    """Propose a descent step; keep it per chain only if it lowers the energy (no host sync)."""
+    x, accepted = state
+    g, e = grad(x, with_energy=True)
+    proposal = x - step_size * g
+    _, e_new = grad(proposal, with_energy=True)
+    accept = e_new <= e
+    x = torch.where(accept.view(-1, *([1] * (x.dim() - 1))), proposal, x)
+    return (x, accepted + accept.to(x.dtype)), {"accept": accept}
+
+
+class MonotoneDescent(Sampler):
+    """Gradient descent that rejects steps raising the energy; reports its acceptance rate."""
+
+    def __init__(self, steps: int, step_size: float, compile: bool = False) -> None:
+        super().__init__(compile=compile)
+        self.steps, self.step_size = steps, step_size
+
+    def dynamics(self) -> Steps:
+        return Steps(monotone_update, self.steps, (self.step_size,), evaluations=2)
+
+    def init_state(self, x0: Tensor) -> State:
+        return (x0, x0.new_zeros(x0.shape[0]))
+
+    def info(self, state: State) -> dict[str, float]:
+        return {"acceptance": float(state[1].mean()) / self.steps}
+
+
+def _monotone_closed_form(compile: bool) -> None:
+    """Small steps always lower a quadratic energy: ``(I - sA)^K z``, acceptance 1; far too large
+    steps (``s * lambda_min > 2``) always raise it: ``x = z``, acceptance 0."""
+    a = random_spd(3, seed=3)
+    z = start(shape=(40, 3), dtype=torch.float64)
+    small = MonotoneDescent(steps=20, step_size=0.1, compile=compile)
+    expected = z @ torch.linalg.matrix_power(torch.eye(3, dtype=torch.float64) - 0.1 * a, 20).T
+    torch.testing.assert_close(small(QuadraticEnergy(a), z), expected, rtol=1e-12, atol=1e-12)
+    assert small.last_info["acceptance"] == 1.0 and small.last_info["nfe"] == 40.0
+    large = MonotoneDescent(steps=20, step_size=10.0, compile=compile)
+    torch.testing.assert_close(large(QuadraticEnergy(a), z), z, rtol=0, atol=0)
+    assert large.last_info["acceptance"] == 0.0
+
+
+@pytest.fixture(params=[False, True], ids=["eager", "compiled"])
+def monotone(request) -> Case:
+    return Case(lambda n, c: MonotoneDescent(steps=5 * n, step_size=0.05, compile=c), _monotone_closed_form,
+                compile=request.param)
+
+
+class TestMonotoneDescentContract(SamplerContract):
+    @pytest.fixture
+    def case(self, monotone):
+        return monotone
+
+    def test_acceptance_reaches_last_info(self, case, mlp):
+        sampler = case.build()
+        sampler(mlp, start())
+        assert 0.0 < sampler.last_info["acceptance"] <= 1.0
+
+
 def test_one_export_line_puts_it_under_the_contract(monkeypatch):
     """Exported, it is found from ``__all__`` (so the exported-sampler contract would demand a case)."""
     assert "HeavyBall" not in exported_samplers()

@@ -12,7 +12,7 @@ import math
 import lightning as L
 import pytest
 import torch
-from torch import nn
+from sampler_helpers import TinyConv, x0
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ebm import EBM
@@ -22,22 +22,6 @@ from lightning_ebm.samplers import GradientDescent, Langevin
 
 CL = torch.channels_last
 SHAPE = (256, 2)
-
-
-def x0(shape=SHAPE, seed=0, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-class TinyConv(nn.Module):
-    """A small smooth conv energy ``(B, 3, 8, 8) -> (B,)`` (stands in for any conv energy)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.SiLU(), nn.Conv2d(8, 16, 4, 2, 1), nn.SiLU(),
-                                 nn.Conv2d(16, 1, 4, 1, 0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten(1).sum(1)
 
 
 def test_training_with_the_compiled_sampler_follows_the_eager_run(tmp_path):

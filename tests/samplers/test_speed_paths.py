@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import QuadraticEnergy, random_spd
+from sampler_helpers import TinyConv, x0
 from torch import nn
 
 from lightning_ebm.energies import MLPEnergy
@@ -41,22 +42,6 @@ def _forget_compiled_graphs():
 def mlp() -> MLPEnergy:
     torch.manual_seed(0)
     return MLPEnergy(dim=2, hidden=32, num_layers=2)
-
-
-def x0(shape=SHAPE, seed=0, dtype=torch.float32) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-class TinyConv(nn.Module):
-    """A small smooth conv energy ``(B, 3, 8, 8) -> (B,)`` (stands in for any conv energy)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.SiLU(), nn.Conv2d(8, 16, 4, 2, 1), nn.SiLU(),
-                                 nn.Conv2d(16, 1, 4, 1, 0))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).flatten(1).sum(1)
 
 
 # ---------------------------------------------------------------- compiled == eager

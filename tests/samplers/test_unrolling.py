@@ -12,27 +12,11 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from sampler_helpers import ScaledSquare, z_batch
 
 from lightning_ebm.samplers import ODE, GradientDescent, Langevin
 
-
-class ScaledSquare(nn.Module):
-    """``E(x) = theta / 2 * |x|^2`` with a learnable scalar ``theta``."""
-
-    def __init__(self, theta: float) -> None:
-        super().__init__()
-        self.theta = nn.Parameter(torch.tensor(theta, dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 0.5 * self.theta * x.pow(2).flatten(1).sum(1)
-
-
 THETA, S, K = 1.3, 0.1, 8
-
-
-def z_batch(n: int = 5, dim: int = 3) -> torch.Tensor:
-    return torch.randn(n, dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
 def test_default_call_keeps_no_graph():

@@ -289,3 +289,16 @@ def test_kde_matches_scipy():
     points = torch.randn(50, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
     ref = gaussian_kde(samples.numpy().T).logpdf(points.numpy().T)
     np.testing.assert_allclose(dn.kde_log_density(samples, points, chunk=16).numpy(), ref, rtol=1e-10)
+
+
+def test_log_partition_on_grid_is_the_gaussian_normaliser():
+    """``E = 1/2 (x - m)^T A (x - m)``: ``log Z = log(2 pi) - 1/2 log det A`` in 2-D (grid to +-9 sd)."""
+    a = random_spd(2, seed=3)
+    energy = Quadratic(a, torch.tensor([0.3, -0.2], dtype=torch.float64))
+    points, area = dn.grid_2d((-9.0, 9.0, -9.0, 9.0), 600, dtype=torch.float64)
+    log_z = dn.log_partition_on_grid(energy, points, area)
+    expected = math.log(2 * math.pi) - 0.5 * float(torch.logdet(a))
+    assert abs(float(log_z) - expected) < 1e-6
+    # consistent with ebm_log_density, which normalises by the same quadrature
+    torch.testing.assert_close(dn.ebm_log_density(energy, points, area), -energy(points) - log_z)
+

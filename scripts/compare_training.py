@@ -2,6 +2,8 @@
 
     python scripts/compare_training.py --ref c6f5037
     python scripts/compare_training.py --ref main --configs configs/toy2d.yaml --max-steps 100
+    python scripts/compare_training.py --ref c6f5037 --configs configs/toy2d.yaml \
+        --override=--model.init_args.generator_loss_weight=0.5 --override=--model.init_args.data_noise=0.05
 
 For every config, trains twice through the ``lightning-ebm`` CLI (``EBMCLI``) on CPU, each in its
 own process with one thread: once with the library as it was at ``--ref`` (exported with
@@ -32,11 +34,11 @@ DEFAULT_CONFIGS = ("configs/toy2d.yaml", "configs/digits.yaml", "configs/toy2d_d
 _DRIVER = """
 import sys, torch
 from lightning_ebm.cli import EBMCLI
-config, max_steps, root, out = sys.argv[1:5]
+config, max_steps, root, out, *overrides = sys.argv[1:]
 cli = EBMCLI(args=["--config", config, f"--trainer.max_steps={max_steps}", "--trainer.limit_val_batches=0",
                    "--trainer.num_sanity_val_steps=0", "--trainer.logger=false",
                    "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-                   f"--trainer.default_root_dir={root}"], run=False)
+                   f"--trainer.default_root_dir={root}", *overrides], run=False)
 cli.trainer.fit(cli.model, cli.datamodule)
 assert cli.trainer.global_step == int(max_steps), cli.trainer.global_step
 state = {k: v for k, v in cli.model.state_dict().items() if isinstance(v, torch.Tensor)}
@@ -55,14 +57,15 @@ def export(rev: str, dest: Path) -> str:
     return commit
 
 
-def train(library: Path, config: Path, max_steps: int, work: Path) -> tuple[dict[str, torch.Tensor], float, float]:
+def train(library: Path, config: Path, max_steps: int, work: Path, overrides: list[str]
+          ) -> tuple[dict[str, torch.Tensor], float, float]:
     """Final tensors, last training loss and wall seconds of one run with ``library`` on the path."""
     work.mkdir(parents=True)
     env = {**os.environ, "PYTHONPATH": str(library), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "JSONARGPARSE_DEPRECATION_WARNINGS": "off", "PYTHONHASHSEED": "0"}
     out = work / "final.pt"
     start = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", _DRIVER, str(config), str(max_steps), str(work), str(out)],
+    run = subprocess.run([sys.executable, "-c", _DRIVER, str(config), str(max_steps), str(work), str(out), *overrides],
                          cwd=work, env=env, capture_output=True, text=True)
     if run.returncode != 0:
         raise SystemExit(f"training {config.name} with {library} failed:\n{run.stderr[-4000:]}")
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref", required=True, help="git revision to compare the current tree against")
     parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
     parser.add_argument("--max-steps", type=int, default=40)
+    parser.add_argument("--override", action="append", default=[],
+                        help="an extra CLI argument for every run, e.g. --override=--model.init_args.alpha=0.2")
     parser.add_argument("--current", type=Path, default=ROOT,
                         help="the tree whose lightning_ebm and configs are 'now' (default: this checkout)")
     args = parser.parse_args(argv)
@@ -84,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp_path = Path(tmp)
         commit = export(args.ref, tmp_path)
         print(f"reference {args.ref} = {commit[:10]}; current tree {current}; {args.max_steps} steps, CPU, "
-              "1 thread")
+              f"1 thread; overrides {args.override}")
         for i, name in enumerate(args.configs):
             config = (current / name).resolve()
-            ref, ref_loss, ref_s = train(tmp_path / "tree", config, args.max_steps, tmp_path / f"ref{i}")
-            cur, cur_loss, cur_s = train(current, config, args.max_steps, tmp_path / f"cur{i}")
+            ref, ref_loss, ref_s = train(tmp_path / "tree", config, args.max_steps, tmp_path / f"ref{i}", args.override)
+            cur, cur_loss, cur_s = train(current, config, args.max_steps, tmp_path / f"cur{i}", args.override)
             same_keys = ref.keys() == cur.keys()
             differing = [k for k in ref if k in cur
                          and not (ref[k].dtype == cur[k].dtype and torch.equal(ref[k], cur[k]))]

@@ -156,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         hint = closest(subcommand, list(SUBCOMMANDS))
         _print_error(None, f"unknown subcommand {subcommand!r}{hint}; choose one of {', '.join(SUBCOMMANDS)}")
         raise SystemExit(2)
+    previous = os.environ.get(DEBUG_ENV)
     if debug:
         os.environ[DEBUG_ENV] = "1"  # the parser then keeps jsonargparse's full messages too
     from . import cli
@@ -172,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         sys.stderr.write(f"{PROG} {subcommand}: interrupted\n")
         raise SystemExit(130) from None
+    finally:  # called from Python (tests), leave the environment as it was
+        if previous is None:
+            os.environ.pop(DEBUG_ENV, None)
+        else:
+            os.environ[DEBUG_ENV] = previous
 
 
 if __name__ == "__main__":

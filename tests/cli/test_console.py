@@ -61,7 +61,8 @@ def test_a_bad_value_names_the_key_and_the_command_line(capsys):
 
 def test_a_misspelled_dataset_names_the_choices_and_the_config_file(capsys):
     err = run_console(capsys, "fit", "--config", TOY, "--data.init_args.name=8gausians")
-    assert "data: unknown toy dataset name='8gausians'" in err and "8gaussians" in err
+    assert ("data: Toy2DDataModule: name (the toy dataset) must be one of '2spirals', '8gaussians'" in err
+            and "got '8gausians' (did you mean '8gaussians'?)" in err)
 
 
 def test_a_class_path_typo_suggests_the_right_name_and_names_the_file(capsys, tmp_path):

@@ -104,4 +104,5 @@ def test_digits_config_runs_and_samples(tmp_path):
     assert "current_model_state" in state  # EMA on: the average is the state_dict
     out = tmp_path / "samples.png"
     main(["sample", "--ckpt_path", str(ckpt), "--num_samples", "16", "--output", str(out)])
-    assert imread(out).shape[:2] == (2 + 4 * 10, 2 + 4 * 10)  # 4x4 grid of 8x8 images, 2-pixel padding
+    # 4x4 grid of 8x8 digits enlarged 4x to readable 32-pixel tiles, 2-pixel padding (was 42x42 in all)
+    assert imread(out).shape[:2] == (2 + 4 * (32 + 2), 2 + 4 * (32 + 2))

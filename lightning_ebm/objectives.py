@@ -19,19 +19,29 @@ telemetry only for objectives that ran it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_float, check_int
+from ._checks import ArgumentError, check_bool, check_choice, check_float, check_int, check_type
 from ._config import RecordInit
 from .energies import check_energy_output
-from .latents import Latent, PersistentLatent
+from .latents import Gaussian, Latent, PersistentLatent
 from .samplers import Sampler
 
-__all__ = ["Objective", "MaximumLikelihood", "TrainingStep"]
+__all__ = [
+    "Objective",
+    "MaximumLikelihood",
+    "TrainingStep",
+    "DenoisingScoreMatching",
+    "MultiLevelDenoisingScoreMatching",
+    "SlicedScoreMatching",
+    "ExactScoreMatching",
+    "NoiseContrastiveEstimation",
+]
 
 
 @dataclass
@@ -171,3 +181,200 @@ class MaximumLikelihood(Objective):
             parts["generator_loss"] = generator_loss(step.energy, x_unrolled)
             loss = loss + self.generator_loss_weight * parts["generator_loss"]
         return loss, parts
+
+
+# ---------------------------------------------------------------------------------------- score matching
+def _energy_and_grad(step: TrainingStep, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(x, E(x), grad_x E(x))`` with the graph kept, so a loss of the gradient trains the energy."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        e = step.energy_of(x)
+        (g,) = torch.autograd.grad(e.sum(), x, create_graph=True)
+    return x, e, g
+
+
+def _sum_over_sample(t: Tensor) -> Tensor:
+    return t.flatten(1).sum(1)
+
+
+class DenoisingScoreMatching(Objective):
+    """Denoising score matching (Vincent 2011) at one noise level ``sigma``.
+
+    ``0.5 * mean || sigma * grad E(x + sigma * eps) - eps ||^2``, ``eps ~ N(0, I)``: the energy's
+    score ``-grad E`` is fitted to the score of the data convolved with ``N(0, sigma^2 I)``, so the
+    optimum is ``exp(-E) / Z = p_data * N(0, sigma^2 I)``: for Gaussian data ``N(mu, Sigma)`` and a
+    quadratic energy, ``E = 0.5 (x - mu)^T (Sigma + sigma^2 I)^-1 (x - mu) + c``. It fits
+    ``exp(-E)/Z`` directly and never runs the sampler in training (``generate`` still does). The
+    loss is scaled by ``sigma^2`` (Song & Ermon's weighting), so its size does not depend on sigma.
+    Score matching cannot see an additive constant in the energy: ``c`` stays where it starts.
+    """
+
+    needs_negatives = False
+
+    def __init__(self, sigma: float = 0.1) -> None:
+        self.sigma = check_float(type(self).__name__, "sigma", sigma, minimum=0, strict=True)
+
+    def _sigmas(self, step: TrainingStep, x: Tensor) -> Tensor:
+        return torch.full((x.shape[0],), self.sigma, device=x.device, dtype=x.dtype)
+
+    def __call__(self, step: TrainingStep) -> tuple[Tensor, dict[str, Tensor]]:
+        x = step.jittered_data()
+        sigma = self._sigmas(step, x).view(-1, *([1] * (x.ndim - 1)))
+        eps = torch.randn(x.shape, generator=step.rng, device=x.device, dtype=x.dtype)
+        _, e, g = _energy_and_grad(step, x + sigma * eps)
+        loss = 0.5 * _sum_over_sample((sigma * g - eps).pow(2)).mean()
+        return loss, {"dsm": loss.detach(), "energy_data": e.detach().mean(),
+                      "score_norm": g.detach().flatten(1).norm(dim=1).mean()}
+
+
+class MultiLevelDenoisingScoreMatching(DenoisingScoreMatching):
+    """Denoising score matching over several noise levels, one drawn per sample (Li et al. 2019).
+
+    The levels are ``sigmas`` (a list), or ``num_levels`` geometrically spaced from ``sigma_max``
+    down to ``sigma_min``. Each sample's level is drawn uniformly from them on the step's stream
+    and its loss weighted by ``sigma^2``, so every level counts alike. One energy without a noise
+    input serves all levels: the small ones shape the modes, the large ones the space between them.
+    """
+
+    def __init__(self, sigmas: Sequence[float] | None = None, sigma_min: float = 0.05, sigma_max: float = 1.0,
+                 num_levels: int = 10) -> None:
+        owner = type(self).__name__
+        if sigmas is not None:
+            if isinstance(sigmas, (str, bytes)) or not isinstance(sigmas, Sequence) or len(sigmas) == 0:
+                raise ArgumentError(f"{owner}: sigmas must be a non-empty list of positive numbers or None, "
+                                    f"got {sigmas!r}")
+            levels = [check_float(owner, f"sigmas[{i}]", s, minimum=0, strict=True) for i, s in enumerate(sigmas)]
+        else:
+            lo = check_float(owner, "sigma_min", sigma_min, minimum=0, strict=True)
+            hi = check_float(owner, "sigma_max", sigma_max, minimum=0, strict=True)
+            k = check_int(owner, "num_levels", num_levels, minimum=1)
+            if not lo <= hi:
+                raise ArgumentError(f"{owner}: sigma_min must be <= sigma_max, got sigma_min={lo!r}, "
+                                    f"sigma_max={hi!r}")
+            levels = [hi * (lo / hi) ** (i / (k - 1)) for i in range(k)] if k > 1 else [hi]
+        self.sigmas = levels
+        self.sigma = max(levels)
+
+    def _sigmas(self, step: TrainingStep, x: Tensor) -> Tensor:
+        levels = torch.tensor(self.sigmas, device=x.device, dtype=x.dtype)
+        idx = torch.randint(len(self.sigmas), (x.shape[0],), generator=step.rng, device=x.device)
+        return levels[idx]
+
+
+class SlicedScoreMatching(Objective):
+    """Sliced score matching (Song et al. 2019): score matching with random projections.
+
+    Score matching minimises ``E_data[ -tr(hess E) + 0.5 ||grad E||^2 ]`` (Hyvarinen 2005), whose
+    optimum is ``exp(-E)/Z = p_data``; slicing replaces the trace by ``v^T (hess E) v`` for random
+    ``v`` (``num_projections`` per sample, Rademacher or Gaussian), one Hessian-vector product each,
+    so the cost does not grow with the dimension. ``variance_reduced=True`` (the default, for
+    Gaussian projections only) uses ``0.5 ||grad E||^2`` in closed form instead of its sliced
+    estimate. For Gaussian data and a quadratic energy the optimum is ``P = Sigma^-1``, ``m = mu``.
+    """
+
+    needs_negatives = False
+
+    def __init__(self, num_projections: int = 1, projection: str = "rademacher",
+                 variance_reduced: bool = True) -> None:
+        owner = type(self).__name__
+        self.num_projections = check_int(owner, "num_projections", num_projections, minimum=1)
+        self.projection = check_choice(owner, "projection", projection, ("rademacher", "gaussian"))
+        self.variance_reduced = check_bool(owner, "variance_reduced", variance_reduced)
+
+    def _directions(self, step: TrainingStep, x: Tensor) -> Tensor:
+        shape = (self.num_projections, *x.shape)
+        if self.projection == "gaussian":
+            return torch.randn(shape, generator=step.rng, device=x.device, dtype=x.dtype)
+        return torch.randint(0, 2, shape, generator=step.rng, device=x.device).to(x.dtype) * 2 - 1
+
+    def __call__(self, step: TrainingStep) -> tuple[Tensor, dict[str, Tensor]]:
+        x, e, g = _energy_and_grad(step, step.jittered_data())
+        curvature = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        sliced_sq = torch.zeros_like(curvature)
+        for v in self._directions(step, x):
+            (hv,) = torch.autograd.grad(_sum_over_sample(g * v).sum(), x, create_graph=True)
+            curvature = curvature + _sum_over_sample(hv * v)
+            sliced_sq = sliced_sq + _sum_over_sample(g * v).pow(2)
+        curvature = curvature / self.num_projections
+        grad_sq = _sum_over_sample(g.pow(2)) if self.variance_reduced else sliced_sq / self.num_projections
+        loss = (0.5 * grad_sq - curvature).mean()
+        return loss, {"ssm": loss.detach(), "energy_data": e.detach().mean(),
+                      "curvature": curvature.detach().mean(), "score_norm": grad_sq.detach().sqrt().mean()}
+
+
+class ExactScoreMatching(Objective):
+    """Score matching with the exact Hessian trace (Hyvarinen 2005), for small dimensions.
+
+    ``mean[ -tr(hess E(x)) + 0.5 ||grad E(x)||^2 ]`` over the data, the trace by one backward pass
+    per dimension (``dim`` passes: use ``SlicedScoreMatching`` beyond a few dozen dimensions,
+    ``max_dim`` guards against a slip). The optimum is ``exp(-E)/Z = p_data``.
+    """
+
+    needs_negatives = False
+
+    def __init__(self, max_dim: int = 64) -> None:
+        self.max_dim = check_int(type(self).__name__, "max_dim", max_dim, minimum=1)
+
+    def __call__(self, step: TrainingStep) -> tuple[Tensor, dict[str, Tensor]]:
+        dim = step.data[0].numel()
+        if dim > self.max_dim:
+            raise ValueError(f"ExactScoreMatching: the data have {dim} dimensions, more than "
+                             f"max_dim={self.max_dim} (one backward pass per dimension); use SlicedScoreMatching")
+        x, e, g = _energy_and_grad(step, step.jittered_data())
+        flat = g.flatten(1)
+        trace = torch.zeros(x.shape[0], device=x.device, dtype=x.dtype)
+        for i in range(flat.shape[1]):
+            (row,) = torch.autograd.grad(flat[:, i].sum(), x, create_graph=True)
+            trace = trace + row.flatten(1)[:, i]
+        grad_sq = flat.pow(2).sum(1)
+        loss = (0.5 * grad_sq - trace).mean()
+        return loss, {"sm": loss.detach(), "energy_data": e.detach().mean(), "curvature": trace.detach().mean()}
+
+
+# ---------------------------------------------------------------------------------------- NCE
+class NoiseContrastiveEstimation(Objective):
+    """Noise-contrastive estimation (Gutmann & Hyvarinen 2010): tell data from noise with ``-E``.
+
+    A logistic classifier with logit ``-E(x) - log q(x) - log nu`` separates the data from
+    ``nu = noise_ratio`` times as many noise samples ``y ~ q`` (``noise``: any latent with a
+    ``log_prob``; by default a standard Gaussian of the data's shape). Its optimum is
+    ``exp(-E) = p_data`` *normalised*: NCE learns the log-normaliser too, through the energy's own
+    additive constant (the output bias of ``MLPEnergy`` and the other library energies), so
+    ``exp(-E)`` needs no ``Z`` afterwards. The noise should cover the data (same scale or wider):
+    NCE's variance grows fast as the two separate. The sampler does not run in training.
+    """
+
+    needs_negatives = False
+
+    def __init__(self, noise: Latent | None = None, noise_ratio: int = 1) -> None:
+        owner = type(self).__name__
+        if noise is not None:
+            check_type(owner, "noise", noise, Latent, "a lightning_ebm latent with a log_prob (e.g. Gaussian) or None")
+            if not getattr(noise, "has_density", False):
+                raise ArgumentError(f"{owner}: noise must be a latent with a log_prob (a density), got "
+                                    f"{type(noise).__name__}, which has none; use Gaussian or Uniform")
+        self.noise = noise
+        self.noise_ratio = check_int(owner, "noise_ratio", noise_ratio, minimum=1)
+
+    def _noise(self, step: TrainingStep) -> Latent:
+        if self.noise is None:
+            self.noise = Gaussian(tuple(step.data.shape[1:]))
+        if tuple(self.noise.shape) != tuple(step.data.shape[1:]):
+            raise ValueError(f"NoiseContrastiveEstimation: the noise has shape {tuple(self.noise.shape)} but the "
+                             f"data samples have shape {tuple(step.data.shape[1:])}")
+        return self.noise
+
+    def __call__(self, step: TrainingStep) -> tuple[Tensor, dict[str, Tensor]]:
+        x = step.jittered_data()
+        noise = self._noise(step)
+        y = noise.sample(x.shape[0] * self.noise_ratio, generator=step.rng, device=x.device, dtype=x.dtype)
+        y = step.memory_format(y)
+        log_nu = math.log(self.noise_ratio)
+        e_data, e_noise = step.energy_of(x), step.energy_of(y)
+        logit_data = -e_data - noise.log_prob(x).to(x.dtype) - log_nu
+        logit_noise = -e_noise - noise.log_prob(y).to(x.dtype) - log_nu
+        softplus = nn.functional.softplus
+        loss = softplus(-logit_data).mean() + self.noise_ratio * softplus(logit_noise).mean()
+        accuracy = 0.5 * ((logit_data > 0).to(x.dtype).mean() + (logit_noise < 0).to(x.dtype).mean())
+        return loss, {"nce": loss.detach(), "energy_data": e_data.detach().mean(),
+                      "energy_noise": e_noise.detach().mean(), "accuracy": accuracy.detach()}

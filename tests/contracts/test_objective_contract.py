@@ -20,7 +20,7 @@ from torch import Tensor
 
 from lightning_ebm import objectives
 from lightning_ebm.energies import MLPEnergy
-from lightning_ebm.latents import ReplayBuffer, Uniform
+from lightning_ebm.latents import Gaussian, ReplayBuffer, Uniform
 from lightning_ebm.objectives import MaximumLikelihood, Objective, TrainingStep
 from lightning_ebm.samplers import Langevin
 
@@ -42,6 +42,13 @@ class NoNegatives(Objective):
 OBJECTIVES = {
     "MaximumLikelihood": [lambda: MaximumLikelihood(),
                           lambda: MaximumLikelihood(alpha=0.3, generator_loss_weight=0.5, generator_loss_steps=2)],
+    "DenoisingScoreMatching": [lambda: objectives.DenoisingScoreMatching(0.3)],
+    "MultiLevelDenoisingScoreMatching": [lambda: objectives.MultiLevelDenoisingScoreMatching(sigmas=[0.1, 0.5])],
+    "SlicedScoreMatching": [lambda: objectives.SlicedScoreMatching(num_projections=2),
+                            lambda: objectives.SlicedScoreMatching(projection="gaussian", variance_reduced=False)],
+    "ExactScoreMatching": [lambda: objectives.ExactScoreMatching()],
+    "NoiseContrastiveEstimation": [lambda: objectives.NoiseContrastiveEstimation(),
+                                   lambda: objectives.NoiseContrastiveEstimation(Gaussian((2,), std=2.0), 3)],
 }
 NOT_OBJECTIVES = {"Objective": "the interface", "TrainingStep": "what an objective is given"}
 EXTRA = {"NoNegatives": [NoNegatives]}

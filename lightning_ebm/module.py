@@ -407,13 +407,15 @@ class EBM(L.LightningModule):
                              allow_classes: Sequence[str] | None = None, **kwargs: Any) -> EBM:
         """Load a checkpoint written by ``EBM`` (see ``LightningModule.load_from_checkpoint``).
 
-        Checkpoints hold their components as plain configs and load with torch's default
-        ``weights_only=True``. Rebuilding imports only classes of ``lightning_ebm``, ``torch.nn``,
+        Checkpoints hold their components as plain configs and load with ``weights_only=True``
+        (the default here; Lightning's own default is ``False``). Rebuilding imports only classes of ``lightning_ebm``, ``torch.nn``,
         ``torch.optim``, classes already imported, and ``allow_classes`` (class paths or module
         prefixes, for your own classes in modules not imported yet). A component that could not
         be recorded is passed as an argument (``energy=MyEnergy(...)``). ``weights_only=False``
         reads older checkpoints with pickled components: only for checkpoints you trust.
         """
+        if weights_only is None:  # Lightning's own default is False (with a log line); ours is the safe one
+            weights_only = True
         try:
             with _config.allowing(allow_classes):
                 return super().load_from_checkpoint(checkpoint_path, *args, weights_only=weights_only, **kwargs)

@@ -367,32 +367,11 @@ def sample_main(argv: list[str]) -> Path:
     elif output.suffix == ".npz":
         np.savez(output, samples=x.numpy())
     else:
-        _save_png(x, output, args.pixel_scale)
+        from .callbacks.images import save_samples_png
+
+        save_samples_png(x, output, args.pixel_scale)
     print(f"wrote {tuple(x.shape)} samples to {output}")
     return output
-
-
-def _save_png(x: torch.Tensor, output: Path, pixel_scale: int | None = None) -> None:
-    from matplotlib.figure import Figure
-
-    if x.ndim == 2 and x.shape[1] == 2:
-        fig = Figure(figsize=(5, 5), dpi=100)
-        ax = fig.subplots()
-        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
-        ax.set_aspect("equal")
-        ax.set_title(f"{x.shape[0]} generated samples")
-        fig.savefig(output)
-    elif x.ndim == 4:  # images (B, C, H, W) in [-1, 1], enlarged like SampleGrid's so small ones stay readable
-        from matplotlib.image import imsave
-
-        from .callbacks.images import default_pixel_scale, image_grid
-
-        scale = pixel_scale or default_pixel_scale(tuple(x.shape[1:]))
-        grid = image_grid(x, nrow=int(np.ceil(np.sqrt(x.shape[0]))), pixel_scale=scale)
-        imsave(output, grid.permute(1, 2, 0).clamp(0, 1).numpy())
-    else:
-        raise ValueError(f"a .png needs 2-D points (N, 2) or images (N, C, H, W); got samples of shape "
-                         f"{tuple(x.shape)}: use .pt or .npz")
 
 
 def run(argv: list[str]) -> None:

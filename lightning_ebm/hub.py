@@ -137,23 +137,9 @@ def _picture_size(model: EBM) -> int | None:
 
 def _save_picture(model: EBM, path: Path, n: int) -> None:
     """A scatter of ``n`` 2-D samples or a grid of ``n`` images, drawn from seed 0."""
-    shape = tuple(model.latent.shape)
-    x = model.generate(n, generator=torch.Generator(model.device).manual_seed(0)).cpu()
-    if shape == (2,):
-        from matplotlib.figure import Figure
+    from .callbacks.images import save_samples_png
 
-        fig = Figure(figsize=(4, 4), dpi=100)
-        ax = fig.subplots()
-        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
-        ax.set_aspect("equal")
-        ax.set_title(f"{x.shape[0]} generated samples")
-        fig.savefig(path)
-        return
-    from torchvision.utils import make_grid, save_image
-
-    grid = make_grid(x.float(), nrow=8, normalize=True, value_range=(-1, 1))
-    scale = max(1, math.ceil(256 / grid.shape[-1]))  # small images become a readable picture
-    save_image(grid.repeat_interleave(scale, -1).repeat_interleave(scale, -2), path)
+    save_samples_png(model.generate(n, generator=torch.Generator(model.device).manual_seed(0)), path)
 
 
 def _card(config: dict[str, Any], metrics: dict[str, tuple[int | None, float]], picture: int | None,

@@ -408,9 +408,10 @@ class EBM(L.LightningModule):
         """Load a checkpoint written by ``EBM`` (see ``LightningModule.load_from_checkpoint``).
 
         Checkpoints hold their components as plain configs and load with ``weights_only=True``
-        (the default here; Lightning's own default is ``False``). Rebuilding imports only classes of ``lightning_ebm``, ``torch.nn``,
-        ``torch.optim``, classes already imported, and ``allow_classes`` (class paths or module
-        prefixes, for your own classes in modules not imported yet). A component that could not
+        (the default here; Lightning's own default is ``False``). Rebuilding imports only classes
+        of ``lightning_ebm``, ``torch.nn``, ``torch.optim``, classes already imported, and
+        ``allow_classes`` (class paths or module prefixes, for your own classes in modules not
+        imported yet). A component that could not
         be recorded is passed as an argument (``energy=MyEnergy(...)``). ``weights_only=False``
         reads older checkpoints with pickled components: only for checkpoints you trust.
         """

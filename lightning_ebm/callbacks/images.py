@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -13,12 +14,36 @@ from .._checks import check_int, check_pair
 from .ema import averaged_weights
 from .logging import EveryNSteps, log_image
 
-__all__ = ["SampleGrid", "default_pixel_scale", "image_grid"]
+__all__ = ["SampleGrid", "default_pixel_scale", "image_grid", "save_samples_png"]
 
 
 def default_pixel_scale(shape: tuple[int, ...], tile: int = 32) -> int:
     """The pixel enlargement that makes an image of ``shape`` ``(C, H, W)`` at least ``tile`` pixels wide."""
     return max(1, -(-tile // max(shape[1:])))
+
+
+def save_samples_png(x: Tensor, path: Any, pixel_scale: int | None = None) -> None:
+    """A PNG of samples: a scatter plot of 2-D points ``(N, 2)``, or a grid of images ``(N, C, H, W)`` in
+    [-1, 1] enlarged to readable tiles (``default_pixel_scale``) unless ``pixel_scale`` is given."""
+    x = x.detach().float().cpu()
+    if x.ndim == 2 and x.shape[1] == 2:
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(5, 5), dpi=100)
+        ax = fig.subplots()
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
+        ax.set_aspect("equal")
+        ax.set_title(f"{x.shape[0]} generated samples")
+        fig.savefig(path)
+    elif x.ndim == 4:
+        from matplotlib.image import imsave
+
+        scale = pixel_scale or default_pixel_scale(tuple(x.shape[1:]))
+        grid = image_grid(x, nrow=max(1, math.ceil(math.sqrt(x.shape[0]))), pixel_scale=scale)
+        imsave(path, grid.permute(1, 2, 0).clamp(0, 1).numpy())
+    else:
+        raise ValueError(f"a .png needs 2-D points (N, 2) or images (N, C, H, W); got samples of shape "
+                         f"{tuple(x.shape)}: use .pt or .npz")
 
 
 def image_grid(

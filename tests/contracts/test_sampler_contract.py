@@ -15,7 +15,7 @@ import torch
 from conftest import QuadraticEnergy, random_spd
 from contracts.sampler_contract import Case, SamplerContract, check_matrix_power, exported_samplers, gen, start
 
-from lightning_ebm.samplers import ODE, GradientDescent, Langevin
+from lightning_ebm.samplers import HMC, MALA, ODE, GradientDescent, Langevin
 
 
 def _descent_closed_form(compile: bool) -> None:
@@ -52,6 +52,23 @@ def _ode_dopri5_closed_form(compile: bool) -> None:
     assert sampler.last_nfe > 6
 
 
+def _metropolis_closed_form(make) -> None:
+    """Exact at a step size where unadjusted Langevin is visibly biased: the Boltzmann covariance ``A^-1``."""
+    a = torch.tensor([[2.0, 0.6], [0.6, 1.0]], dtype=torch.float64)
+    sampler = make()
+    x = sampler(QuadraticEnergy(a), torch.zeros(8000, 2, dtype=torch.float64), generator=gen(0))
+    assert torch.allclose(torch.cov(x.T), torch.linalg.inv(a), rtol=0, atol=6 * math.sqrt(2 / 8000) * 1.2)
+    assert 0.3 < sampler.last_info["acceptance"] < 1.0
+
+
+def _mala_closed_form(compile: bool) -> None:
+    _metropolis_closed_form(lambda: MALA(steps=150, step_size=0.4, compile=compile))
+
+
+def _hmc_closed_form(compile: bool) -> None:
+    _metropolis_closed_form(lambda: HMC(steps=50, step_size=0.3, num_leapfrog=4, compile=compile))
+
+
 #: exported class name -> its configurations (each also runs compiled)
 CASES: dict[str, dict[str, Case]] = {
     "GradientDescent": {
@@ -62,6 +79,15 @@ CASES: dict[str, dict[str, Case]] = {
     "Langevin": {
         "langevin": Case(lambda n, c: Langevin(steps=5 * n, step_size=0.05, noise_std=0.1, grad_clip=0.5,
                                                clamp=(-2.0, 2.0), compile=c), _langevin_closed_form, noisy=True),
+    },
+    "MALA": {
+        "mala": Case(lambda n, c: MALA(steps=5 * n, step_size=0.05, compile=c), _mala_closed_form, noisy=True),
+        "mala_adapt_clip": Case(lambda n, c: MALA(steps=5 * n, step_size=0.05, adapt_steps=2, grad_clip=0.5,
+                                                  compile=c), _mala_closed_form, noisy=True),
+    },
+    "HMC": {
+        "hmc": Case(lambda n, c: HMC(steps=2 * n, step_size=0.05, num_leapfrog=3, compile=c), _hmc_closed_form,
+                    noisy=True),
     },
     "ODE": {
         "ode_rk4": Case(lambda n, c: ODE(t_end=0.25 * n, method="rk4", step_size=0.05, compile=c),

@@ -152,9 +152,9 @@ class PreemptionCheckpoint(L.Callback):
         self._received, self._writing, self._in_step, self._pending = None, False, False, None
         self._start_step = trainer.global_step
         # run after every other callback's on_train_batch_end (the divergence guard's verdict, ModelCheckpoint)
+        # (a new list: Lightning is iterating over the current one to call this very hook)
         if trainer.callbacks and trainer.callbacks[-1] is not self:
-            trainer.callbacks.remove(self)
-            trainer.callbacks.append(self)
+            trainer.callbacks = [c for c in trainer.callbacks if c is not self] + [self]
         self._install(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,

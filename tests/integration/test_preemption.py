@@ -8,12 +8,14 @@ the same run directory, with the same metrics.csv rows.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from cli_run_helpers import (
@@ -27,7 +29,11 @@ from cli_run_helpers import (
     training_state,
     wait_until,
 )
-from reliability_helpers import differences
+from lightning.pytorch.callbacks import ModelCheckpoint
+from reliability_helpers import InjectFault, differences, single_thread, tiny_data, tiny_ebm, tiny_trainer
+from reliability_helpers import training_state as state_of
+
+from lightning_ebm.callbacks import DivergenceError, DivergenceGuard, PreemptionCheckpoint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -171,3 +177,119 @@ def test_a_kill_during_the_emergency_write_leaves_the_previous_checkpoint_and_re
     # the killed run's metrics rows after its newest checkpoint were dropped and logged again
     skipped = {first} if first % VAL_EVERY == 0 else set()
     check_same_as_reference(tmp_path, reference_run, skipped)
+
+
+# -- the callback in a plain Trainer (a drop-in user), in this process ----------------------------
+class SignalAt(L.Callback):
+    """Send this process ``signum`` at the end of the given global step (before PreemptionCheckpoint runs)."""
+
+    def __init__(self, step: int, signum: int) -> None:
+        self.step, self.signum = step, signum
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+class RaiseAt(L.Callback):
+    """Raise at global step ``step``: inside the step (before the optimizer step) or in validation after it."""
+
+    def __init__(self, step: int, where: str) -> None:
+        self.step, self.where = step, where
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.where == "step" and trainer.global_step == self.step:
+            raise RuntimeError("boom inside the step")
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.where == "validation" and trainer.global_step == self.step:
+            raise RuntimeError("boom in validation")
+
+
+def drop_in_fit(root: Path, max_steps: int, *extra: L.Callback, ckpt_path: str | None = None):
+    L.seed_everything(0)
+    model, data = tiny_ebm(), tiny_data()
+    callbacks = [ModelCheckpoint(dirpath=root, save_last=True), PreemptionCheckpoint(), *extra]
+    trainer = tiny_trainer(root, max_steps=max_steps, callbacks=callbacks)
+    trainer.fit(model, data, ckpt_path=ckpt_path, weights_only=False)
+    return state_of(trainer, model)
+
+
+@pytest.fixture(scope="module")
+def drop_in_reference(tmp_path_factory):
+    return drop_in_fit(tmp_path_factory.mktemp("drop_in"), 8)
+
+
+@pytest.mark.usefixtures(single_thread.__name__)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_drop_in_a_signal_saves_the_step_and_lightning_s_own_last_resumes_it(tmp_path, drop_in_reference,
+                                                                              capfd, signum):
+    handler_before = signal.getsignal(signum)
+    with pytest.raises(SystemExit) as stopped:
+        drop_in_fit(tmp_path, 8, SignalAt(5, signum))
+    assert stopped.value.code == 128 + signum
+    assert signal.getsignal(signum) == handler_before  # handlers put back
+    path = tmp_path / "last-preempted.ckpt"
+    assert torch.load(path, weights_only=False)["global_step"] == 5
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 3  # what was there before
+    err = capfd.readouterr().err
+    assert f"trainer.fit(model, datamodule, ckpt_path={str(path)!r})" in err
+    resumed = drop_in_fit(tmp_path, 8, ckpt_path="last")  # Lightning's own "last": the newest last*.ckpt
+    assert differences(drop_in_reference, resumed) == []
+
+
+@pytest.mark.usefixtures(single_thread.__name__)
+def test_drop_in_an_exception_between_steps_saves_a_resumable_checkpoint(tmp_path, drop_in_reference):
+    with pytest.raises(RuntimeError, match="boom in validation"):
+        drop_in_fit(tmp_path, 8, RaiseAt(6, "validation"))
+    assert torch.load(tmp_path / "last-preempted.ckpt", weights_only=False)["global_step"] == 6
+    resumed = drop_in_fit(tmp_path, 8, ckpt_path=str(tmp_path / "last-preempted.ckpt"))
+    assert differences(drop_in_reference, resumed) == []
+
+
+@pytest.mark.usefixtures(single_thread.__name__)
+def test_drop_in_an_exception_inside_a_step_or_a_divergence_writes_nothing(tmp_path, capfd):
+    with pytest.raises(RuntimeError, match="boom inside the step"):
+        drop_in_fit(tmp_path / "a", 8, RaiseAt(4, "step"))
+    assert not (tmp_path / "a" / "last-preempted.ckpt").exists()
+    assert "RuntimeError inside training step 5: no emergency checkpoint" in capfd.readouterr().err
+    with pytest.raises(DivergenceError):
+        drop_in_fit(tmp_path / "b", 8, DivergenceGuard(mode="stop"), InjectFault("nan_weight", [4]))
+    assert (tmp_path / "b" / "last-good.ckpt").exists() and not (tmp_path / "b" / "last-preempted.ckpt").exists()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"filename": "x.ckpt"}, "filename must be a non-empty file name"),
+    ({"filename": ""}, "filename must be"),
+    ({"signals": ["SIGHUP"]}, r"signals must be a list of names among \['SIGTERM', 'SIGINT', 'SIGUSR1'\]"),
+    ({"signals": "SIGTERM"}, "signals must be a list"),
+    ({"on_exception": 1}, "on_exception must be True or False"),
+    ({"dirpath": 3}, "dirpath must be a path or None"),
+])
+def test_bad_arguments_fail_early_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=f"PreemptionCheckpoint: {match}"):
+        PreemptionCheckpoint(**kwargs)
+
+
+class Record(L.Callback):
+    def __init__(self, name: str, calls: list) -> None:
+        self.name, self.calls = name, calls
+
+    def on_train_start(self, trainer, pl_module):
+        self.calls.append(("start", self.name))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.calls.append(("batch_end", self.name))
+
+
+@pytest.mark.usefixtures(single_thread.__name__)
+def test_moving_itself_last_skips_no_other_callback_s_hook(tmp_path):
+    calls: list = []
+    preemption = PreemptionCheckpoint()
+    preemption.on_train_batch_end = lambda *a, **k: (calls.append(("batch_end", "preemption")),
+                                                      PreemptionCheckpoint.on_train_batch_end(preemption, *a, **k))
+    trainer = tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0,
+                           callbacks=[Record("a", calls), preemption, Record("b", calls)])
+    trainer.fit(tiny_ebm(), tiny_data())
+    assert calls == [("start", "a"), ("start", "b"), ("batch_end", "a"), ("batch_end", "b"),
+                     ("batch_end", "preemption")]

@@ -6,8 +6,9 @@ Used by the ``lightning-ebm`` CLI for ``fit --ckpt_path last`` and ``fit --ckpt_
   (``<save_dir>/<name>/version_*/``, or the one version the config names), whatever wrote it:
   ModelCheckpoint's ``last.ckpt`` and periodic files, ``PreemptionCheckpoint``'s emergency file,
   the divergence guard's ``last-good.ckpt``, the directories the config gives those callbacks, and
-  SLURM's ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir``. No checkpoint: a fresh run, with a warning
-  (so one job script serves the first job and its requeued successors).
+  SLURM's ``hpc_ckpt_<n>.ckpt`` in ``default_root_dir`` and ``<default_root_dir>/checkpoints``. No
+  checkpoint: a fresh run, with a warning (so one job script serves the first job and its requeued
+  successors); with a logger other than CSV or TensorBoard, Lightning's own ``last`` then looks.
 - a checkpoint inside ``<save_dir>/<name>/<version>/`` continues that version (same folder, same
   ``metrics.csv``, whose rows after the checkpoint's step are dropped: the resumed run logs them
   again) unless the config names a version itself, which is respected.
@@ -149,10 +150,12 @@ def plan_resume(fit_config: Any) -> ResumePlan | None:
                 candidates += _checkpoints_under(Path(str(dirpath)), recursive=False)
         default_root = Path(str(_get(trainer_config, "default_root_dir") or "."))
         candidates += [p for p in _checkpoints_under(default_root, recursive=False) if p.name.startswith("hpc_ckpt_")]
+        candidates += _checkpoints_under(default_root / "checkpoints", recursive=False)  # logger=False runs
         newest = _newest(candidates)
         if newest is None:
-            where = f"{root}/*/" if root is not None else "the checkpoint directories of this config"
-            rank_zero_warn(f"--ckpt_path last: no checkpoint under {where}; starting a new run.")
+            if root is None:  # a logger this module does not know: let Lightning's own "last" look
+                return None
+            rank_zero_warn(f"--ckpt_path last: no checkpoint under {root}/*/; starting a new run.")
             _set(fit_config, "ckpt_path", None)
             return None
         path = newest

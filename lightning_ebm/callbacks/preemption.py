@@ -216,7 +216,7 @@ class PreemptionCheckpoint(L.Callback):
         self._writing = True
         start = time.perf_counter()
         try:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the full state: resumable
         finally:
             self._writing = False
         self.last_write_seconds = time.perf_counter() - start

@@ -12,11 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from cli_run_helpers import MAX_STEPS, comparable_rows, metric_rows, run, small_config, training_state
 from lightning.pytorch.loggers import CSVLogger
 from reliability_helpers import differences
 
 from lightning_ebm._resume import config_differences, continue_csv_metrics, plan_resume
+from lightning_ebm.callbacks import PreemptionCheckpoint
+from lightning_ebm.cli import EBMCLI
 
 RUN = Path("runs") / "toy2d" / "version_0"
 HALF = 60
@@ -168,3 +171,35 @@ def test_continue_csv_metrics_keeps_the_rows_before_the_step_and_appends_after_t
     logger.save()
     assert (run_dir / "metrics.csv").read_text().splitlines() == [
         "epoch,step,train/loss", "0,0,1.5", "0,1,1.25", "0,2,1.0"]
+
+
+def test_without_a_run_logger_last_looks_in_default_root_dir_or_leaves_it_to_lightning(tmp_path):
+    config = fit_config(tmp_path, "last")
+    config["trainer"]["logger"] = False
+    assert plan_resume(config) is None and config["ckpt_path"] == "last"  # Lightning's own "last" decides
+    ckpt = write(tmp_path / "checkpoints" / "last.ckpt", 5, 1_000_000_000)
+    plan = plan_resume(config)
+    assert plan.ckpt_path == ckpt and plan.run_dir is None and config["ckpt_path"] == str(ckpt)
+
+
+def test_the_cli_adds_one_preemption_checkpoint_unless_the_config_has_one(tmp_path):
+    found: list = []
+
+    class Probe(EBMCLI):
+        def before_fit(self):
+            found.append([c for c in self.trainer.callbacks if isinstance(c, PreemptionCheckpoint)])
+            raise SystemExit(0)
+
+    config = yaml.safe_load(small_config(tmp_path).read_text())
+    base = ["fit", "--config", str(tmp_path / "toy2d.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    with pytest.raises(SystemExit):
+        Probe(args=base)
+    config["trainer"]["callbacks"].append({"class_path": "lightning_ebm.callbacks.PreemptionCheckpoint",
+                                           "init_args": {"filename": "mine"}})
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit):
+        Probe(args=["fit", "--config", str(tmp_path / "own.yaml"), f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    (default,), (own,) = found
+    assert default.filename == "last-preempted" and own.filename == "mine"
+    assert own.resume_command.startswith(f"lightning-ebm fit --config {tmp_path / 'own.yaml'} ")
+    assert own.resume_command.endswith(" --ckpt_path {ckpt_path}")

@@ -33,7 +33,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from reliability_helpers import InjectFault, differences, single_thread, tiny_data, tiny_ebm, tiny_trainer
 from reliability_helpers import training_state as state_of
 
-from lightning_ebm.callbacks import DivergenceError, DivergenceGuard, PreemptionCheckpoint
+from lightning_ebm.callbacks import AtomicCheckpointIO, DivergenceError, DivergenceGuard, PreemptionCheckpoint
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
@@ -293,3 +293,29 @@ def test_moving_itself_last_skips_no_other_callback_s_hook(tmp_path):
     trainer.fit(tiny_ebm(), tiny_data())
     assert calls == [("start", "a"), ("start", "b"), ("batch_end", "a"), ("batch_end", "b"),
                      ("batch_end", "preemption")]
+
+
+@pytest.mark.usefixtures(single_thread.__name__)
+def test_under_slurm_lightning_still_requeues_and_the_step_boundary_checkpoint_is_the_newest(tmp_path,
+                                                                                             monkeypatch):
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+    from lightning.pytorch.trainer.connectors import signal_connector
+
+    for key, value in {"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                       "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "ebm", "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(key, value)
+    requeued: list = []
+    monkeypatch.setattr(signal_connector, "call", lambda cmd, **kw: requeued.append(cmd) or 0)
+    L.seed_everything(0)
+    callbacks = [ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True), PreemptionCheckpoint(),
+                 SignalAt(5, signal.SIGUSR1)]
+    trainer = tiny_trainer(tmp_path, max_steps=8, callbacks=callbacks,
+                           plugins=[AtomicCheckpointIO(), SLURMEnvironment(auto_requeue=True)])
+    with pytest.raises(SystemExit) as stopped:
+        trainer.fit(tiny_ebm(), tiny_data())
+    assert stopped.value.code == 128 + signal.SIGUSR1
+    assert requeued == [["scontrol", "requeue", "4242"]]  # Lightning's own handler ran: the job is requeued
+    (hpc,) = tmp_path.glob("hpc_ckpt_*.ckpt")  # and saved its checkpoint, from inside the signal handler
+    emergency = tmp_path / "ckpt" / "last-preempted.ckpt"
+    assert torch.load(emergency, weights_only=False)["global_step"] == 5
+    assert emergency.stat().st_mtime_ns >= hpc.stat().st_mtime_ns  # written after it: `--ckpt_path last` takes it

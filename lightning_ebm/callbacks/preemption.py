@@ -120,9 +120,9 @@ class PreemptionCheckpoint(L.Callback):
             chain = previous if callable(previous) and previous is not signal.default_int_handler else None
             if signum == signal.SIGTERM and not chain_sigterm:
                 chain = None  # one process: Lightning's handler would only raise SIGTERMException elsewhere
-            signal.signal(signum, self._make_handler(chain))
+            signal.signal(signum, self._make_handler(trainer, chain))
 
-    def _make_handler(self, chain: Any):
+    def _make_handler(self, trainer: L.Trainer, chain: Any):
         def handler(signum: int, frame: Any) -> None:
             if chain is not None:
                 chain(signum, frame)
@@ -137,7 +137,8 @@ class PreemptionCheckpoint(L.Callback):
                 return
             self._received = signum
             again = " (Ctrl-C again to stop at once, without it)" if signum == signal.SIGINT else ""
-            _say_now(f"{name} received: writing a checkpoint at the end of the current step, then stopping{again}.")
+            _say_now(f"{name} received at global step {trainer.global_step}: writing a checkpoint at the end "
+                     f"of the current step, then stopping{again}.")
 
         return handler
 

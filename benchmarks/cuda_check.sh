@@ -6,9 +6,11 @@
 #
 # Writes to OUT_DIR (default: $OUT if set, else benchmarks/results/cuda-<time>):
 #   env.txt      GPU, driver, torch and CUDA versions
-#   tests.txt    tests/test_speed_paths.py on this machine (its CUDA tests run only here: cuda_graph
-#                and compile+cuda_graph == eager, Langevin noise from the generator, bf16 autocast,
-#                memory of a captured loop independent of K)
+#   tests.txt    tests/samplers/test_speed_paths.py and the sampler contract (tests/contracts,
+#                tests/samplers/test_new_sampler.py) on this machine (their CUDA tests run only here:
+#                every sampler follows the CUDA device, cuda_graph and compile+cuda_graph == eager,
+#                Langevin noise from the generator, bf16 autocast, memory of a captured loop
+#                independent of K)
 #   fp32.md      benchmarks/run.py on cuda: eager vs compile vs cuda_graph vs compile+cuda_graph
 #                against the plain loop, ODE, training steps, peak memory K=10 vs K=200
 #   bf16.md      the same under bf16 autocast (training under precision="bf16-mixed")
@@ -33,7 +35,8 @@ cat "$out/env.txt"
 $py -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || { echo "no CUDA device"; exit 1; }
 
 status=0
-timeout 300 $py -m pytest tests/test_speed_paths.py -q -p no:cacheprovider > "$out/tests.txt" 2>&1 || status=1
+timeout 300 $py -m pytest tests/samplers/test_speed_paths.py tests/contracts/test_sampler_contract.py \
+    tests/samplers/test_new_sampler.py -q -p no:cacheprovider > "$out/tests.txt" 2>&1 || status=1
 tail -n 3 "$out/tests.txt"
 
 # paper-size conv net (width 64), more steps per call than on the CPU

@@ -1,14 +1,17 @@
 """Using lightning_ebm's pieces inside another Lightning project.
 
-Two patterns:
+Two patterns, and a third that reuses someone else's trained model:
 
 1. your own LightningDataModule (here: points you already have in a tensor) with ``EBM`` and the
    library's callbacks, in your own Trainer;
 2. your own LightningModule that uses a lightning_ebm sampler and replay buffer in its training
    step: a JEM-style classifier whose logits ``f(x)`` define the energy
-   ``E(x) = -logsumexp_y f(x)[y]`` (Grathwohl et al., 2020).
+   ``E(x) = -logsumexp_y f(x)[y]`` (Grathwohl et al., 2020);
+3. a pretrained EBM (a directory written by ``save_pretrained`` / ``lightning-ebm export``, or a
+   Hugging Face Hub repo id) loaded with its sampler and latent, ready to generate.
 
-Run: ``python examples/drop_in.py --max_steps 200``.
+Run: ``python examples/drop_in.py --max_steps 200`` (add ``--pretrained DIR_OR_REPO`` for 3;
+pattern 1's model is saved to ``<root>/pretrained`` for it).
 """
 
 from __future__ import annotations
@@ -107,14 +110,29 @@ def train_jem(max_steps: int, root: str) -> JEMClassifier:
     return model
 
 
+def load_pretrained(path_or_repo_id: str, n: int = 1000) -> tuple[EBM, torch.Tensor]:
+    """Pattern 3: a shared model, its whole generator included: samples from a fixed seed."""
+    model = EBM.from_pretrained(path_or_repo_id)  # config.json + safetensors: no pickle, no code run
+    return model, model.generate(n, generator=torch.Generator().manual_seed(0))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max_steps", type=int, default=1000)
     parser.add_argument("--root", default="runs/examples")
+    parser.add_argument("--pretrained", default=None, help="a pretrained directory or Hub repo id to sample from")
     args = parser.parse_args()
+    if args.pretrained is not None:
+        _, x = load_pretrained(args.pretrained)
+        print(f"pretrained {args.pretrained}: {tuple(x.shape)} samples, mean {x.mean(0).tolist()}")
+        raise SystemExit
     ebm = train_ebm_on_my_data(args.max_steps, args.root)
     radius = ebm.generate(2000).norm(dim=1)
     print(f"EBM on my data: generated radius {radius.mean():.2f} +- {radius.std():.2f} (data: 2.00 +- 0.10)")
+    try:
+        print(f"saved for pattern 3: {ebm.save_pretrained(f'{args.root}/pretrained')}")
+    except ImportError as err:  # the optional hub extra (safetensors) is not installed
+        print(f"not saved for pattern 3: {err}")
     jem = train_jem(args.max_steps, args.root)
     grid = ring_points(1000, seed=1)
     accuracy = (jem.net(grid).argmax(1) == (grid[:, 0] > 0).long()).float().mean()

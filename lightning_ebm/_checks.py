@@ -105,7 +105,14 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> A
     """``value`` if it is one of ``choices`` (listed in the message)."""
     choices = tuple(choices)
     if isinstance(value, bool) or value not in choices:
-        raise fail(owner, name, "one of " + ", ".join(repr(c) for c in choices), value)
+        err = fail(owner, name, "one of " + ", ".join(repr(c) for c in choices), value)
+        if isinstance(value, str):
+            import difflib
+
+            close = difflib.get_close_matches(value, [c for c in choices if isinstance(c, str)], n=1, cutoff=0.6)
+            if close:
+                err = ArgumentError(f"{err} (did you mean {close[0]!r}?)")
+        raise err
     return value
 
 

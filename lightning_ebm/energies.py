@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_bool, check_choice, check_float, check_int, fail
+from ._config import RecordInit
+
 __all__ = ["MLPEnergy", "check_energy_output"]
 
 
@@ -23,7 +26,7 @@ def check_energy_output(energy: Tensor, x: Tensor) -> None:
         )
 
 
-class MLPEnergy(nn.Module):
+class MLPEnergy(RecordInit, nn.Module):
     """Fully connected energy ``E(x) = MLP(flatten(x))`` with SiLU activations.
 
     Args:
@@ -36,9 +39,10 @@ class MLPEnergy(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 128, num_layers: int = 3, spectral_norm: bool = False) -> None:
         super().__init__()
-        for name, value in (("dim", dim), ("hidden", hidden), ("num_layers", num_layers)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MLPEnergy: {name} must be a positive integer, got {value!r}")
+        dim = check_int("MLPEnergy", "dim", dim, minimum=1)
+        hidden = check_int("MLPEnergy", "hidden", hidden, minimum=1)
+        num_layers = check_int("MLPEnergy", "num_layers", num_layers, minimum=1)
+        spectral_norm = check_bool("MLPEnergy", "spectral_norm", spectral_norm)
         self.dim = dim
         widths = [dim] + [hidden] * num_layers
         layers: list[nn.Module] = []
@@ -63,19 +67,21 @@ __all__ += ["ConvEnergy", "ResNetEnergy"]
 _ACTIVATIONS = ("leaky_relu", "silu")
 
 
-def _activation(name: str, negative_slope: float) -> nn.Module:
-    if name == "leaky_relu":
-        return nn.LeakyReLU(negative_slope)
-    if name == "silu":
-        return nn.SiLU()
-    raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {name!r}")
+def _activation(owner: str, name: str, negative_slope: float) -> nn.Module:
+    check_choice(owner, "activation", name, _ACTIVATIONS)
+    negative_slope = check_float(owner, "negative_slope", negative_slope, minimum=0)
+    return nn.LeakyReLU(negative_slope) if name == "leaky_relu" else nn.SiLU()
 
 
 def _image_size(image_size: int | tuple[int, int], owner: str) -> tuple[int, int]:
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(size) != 2 or not all(isinstance(s, int) and s >= 4 for s in size):
-        raise ValueError(f"{owner}: image_size must be an integer >= 4 or a pair (H, W) of them, got "
-                         f"{image_size!r}")
+    allowed = "an integer >= 4 or a pair (H, W) of them"
+    is_int = isinstance(image_size, int) and not isinstance(image_size, bool)
+    try:
+        size = (image_size, image_size) if is_int else tuple(image_size)
+    except TypeError:
+        raise fail(owner, "image_size", allowed, image_size) from None
+    if len(size) != 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 4 for s in size):
+        raise fail(owner, "image_size", allowed, image_size)
     return size  # type: ignore[return-value]
 
 
@@ -85,7 +91,7 @@ def _check_image_input(owner: str, x: Tensor, channels: int, size: tuple[int, in
         raise ValueError(f"{owner} expects images of shape {want}, got {tuple(x.shape)}")
 
 
-class ConvEnergy(nn.Module):
+class ConvEnergy(RecordInit, nn.Module):
     """The short-run EBM ConvNet (Nijkamp et al., 2019): ``(B, C, H, W) -> (B,)``.
 
     A 3x3 convolution to ``width`` channels, then 4x4 stride-2 convolutions with widths
@@ -114,11 +120,12 @@ class ConvEnergy(nn.Module):
         negative_slope: float = 0.2,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("width", width)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ConvEnergy: {name} must be a positive integer, got {value!r}")
+        in_channels = check_int("ConvEnergy", "in_channels", in_channels, minimum=1)
+        width = check_int("ConvEnergy", "width", width, minimum=1)
+        spectral_norm = check_bool("ConvEnergy", "spectral_norm", spectral_norm)
         self.in_channels, self.image_size = in_channels, _image_size(image_size, "ConvEnergy")
-        act = lambda: _activation(activation, negative_slope)  # noqa: E731
+        _activation("ConvEnergy", activation, negative_slope)  # check before building
+        act = lambda: _activation("ConvEnergy", activation, negative_slope)  # noqa: E731
         layers: list[nn.Module] = [_maybe_sn(nn.Conv2d(in_channels, width, 3, 1, 1), spectral_norm), act()]
         (h, w), channels, i = self.image_size, width, 0
         while min(h, w) >= 8:
@@ -146,7 +153,7 @@ class _ResBlock(nn.Module):
         return nn.functional.avg_pool2d(out, 2) if min(out.shape[-2:]) >= 8 else out
 
 
-class ResNetEnergy(nn.Module):
+class ResNetEnergy(RecordInit, nn.Module):
     """A small residual energy in the style of IGEBM (Du & Mordatch, 2019): ``(B, C, H, W) -> (B,)``.
 
     A 3x3 convolution to ``width`` channels, ``num_blocks`` residual blocks (two 3x3
@@ -174,11 +181,12 @@ class ResNetEnergy(nn.Module):
         negative_slope: float = 0.2,
     ) -> None:
         super().__init__()
-        for name, value in (("in_channels", in_channels), ("width", width), ("num_blocks", num_blocks)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ResNetEnergy: {name} must be a positive integer, got {value!r}")
+        in_channels = check_int("ResNetEnergy", "in_channels", in_channels, minimum=1)
+        width = check_int("ResNetEnergy", "width", width, minimum=1)
+        num_blocks = check_int("ResNetEnergy", "num_blocks", num_blocks, minimum=1)
+        spectral_norm = check_bool("ResNetEnergy", "spectral_norm", spectral_norm)
         self.in_channels = in_channels
-        self.act = _activation(activation, negative_slope)
+        self.act = _activation("ResNetEnergy", activation, negative_slope)
         self.conv_in = _maybe_sn(nn.Conv2d(in_channels, width, 3, 1, 1), spectral_norm)
         channels = [width * 2 ** min(i, 3) for i in range(num_blocks + 1)]
         self.blocks = nn.ModuleList(

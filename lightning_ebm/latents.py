@@ -2,8 +2,10 @@
 
 ``Uniform`` and ``Gaussian`` have a density (``log_prob``), so a deterministic sampler started
 from them defines a generator whose density can be computed (see ``lightning_ebm.density``).
-``ReplayBuffer`` keeps persistent chains: it has no density, and its contents are training state
-that travels in the module's ``state_dict`` (and so in every checkpoint).
+``PersistentLatent`` is the interface of latents that keep chains across training steps: they
+draw starting points with slot indices and take the end points back, and own how their chains
+travel in a checkpoint (per rank under DDP). ``ReplayBuffer`` implements it: it has no density,
+and its contents are training state that travels in the module's ``state_dict``.
 
 Every latent draws through an optional ``torch.Generator`` so the module can own the random
 stream (one per rank, saved in checkpoints).
@@ -11,6 +13,7 @@ stream (one per rank, saved in checkpoints).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -18,20 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Latent", "Uniform", "Gaussian", "ReplayBuffer"]
+from ._checks import check_float, check_int, check_shape, check_type, fail
+from ._config import RecordInit
+
+__all__ = ["Latent", "PersistentLatent", "Uniform", "Gaussian", "ReplayBuffer"]
 
 
-def _check_shape(shape: Sequence[int]) -> tuple[int, ...]:
-    try:
-        out = tuple(int(s) for s in shape)
-    except TypeError:
-        out = ()
-    if not out or any(s < 1 for s in out) or any(int(s) != s for s in shape):
-        raise ValueError(f"shape must be a non-empty sequence of positive integers, got {shape!r}")
-    return out
-
-
-class Latent(nn.Module):
+class Latent(RecordInit, nn.Module):
     """Base class of latents: ``sample(n)`` draws ``(n, *shape)``; ``log_prob(z)`` gives ``(n,)``."""
 
     shape: tuple[int, ...]
@@ -51,10 +47,9 @@ class Latent(nn.Module):
     def log_prob(self, z: Tensor) -> Tensor:
         raise NotImplementedError
 
-    @staticmethod
-    def _check_n(n: int) -> None:
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"n (the number of samples) must be a positive integer, got {n!r}")
+    def _check_n(self, n: int) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise fail(f"{type(self).__name__}.sample", "n (the number of samples)", "a positive integer", n)
 
     def _check_z(self, z: Tensor) -> None:
         if tuple(z.shape[1:]) != self.shape:
@@ -66,10 +61,11 @@ class Uniform(Latent):
 
     def __init__(self, shape: Sequence[int], low: float = -1.0, high: float = 1.0) -> None:
         super().__init__()
-        self.shape = _check_shape(shape)
-        if not (math.isfinite(low) and math.isfinite(high)) or not low < high:
-            raise ValueError(f"Uniform needs finite low < high, got low={low!r}, high={high!r}")
-        self.low, self.high = float(low), float(high)
+        self.shape = check_shape("Uniform", "shape", shape)
+        low, high = check_float("Uniform", "low", low), check_float("Uniform", "high", high)
+        if not low < high:
+            raise fail("Uniform", "(low, high)", "finite numbers with low < high", (low, high))
+        self.low, self.high = low, high
 
     def sample(self, n, *, generator=None, device=None, dtype=None) -> Tensor:
         self._check_n(n)
@@ -92,12 +88,9 @@ class Gaussian(Latent):
 
     def __init__(self, shape: Sequence[int], mean: float = 0.0, std: float = 1.0) -> None:
         super().__init__()
-        self.shape = _check_shape(shape)
-        if not math.isfinite(mean):
-            raise ValueError(f"Gaussian: mean must be finite, got {mean!r}")
-        if not (math.isfinite(std) and std > 0):
-            raise ValueError(f"Gaussian: std must be a positive finite number, got {std!r}")
-        self.mean, self.std = float(mean), float(std)
+        self.shape = check_shape("Gaussian", "shape", shape)
+        self.mean = check_float("Gaussian", "mean", mean)
+        self.std = check_float("Gaussian", "std", std, minimum=0, strict=True)
 
     def sample(self, n, *, generator=None, device=None, dtype=None) -> Tensor:
         self._check_n(n)
@@ -114,7 +107,52 @@ class Gaussian(Latent):
         return f"shape={self.shape}, mean={self.mean}, std={self.std}"
 
 
-class ReplayBuffer(Latent):
+class PersistentLatent(Latent):
+    """A latent that keeps chains across training steps (persistent contrastive divergence).
+
+    Training draws starting points with ``draw`` and gives the chains' end points back with
+    ``push``; evaluation uses ``sample``, which never writes. The chains are training state: each
+    rank owns its own, and the latent says how they travel in a checkpoint (``rank_state``,
+    ``extra_state_for``) and how it is stripped of them for the pickled hyper-parameters
+    (``without_chains``). ``lightning_ebm._state`` uses only these methods, never a concrete class.
+    """
+
+    has_density = False
+
+    @property
+    def base(self) -> Latent:
+        """The fresh-noise latent the chains start from (used for the dry run before training)."""
+        raise NotImplementedError
+
+    def draw(self, n: int, *, generator: torch.Generator | None = None, device: torch.device | str | None = None,
+             dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """Starting points ``(n, *shape)`` and the slots to ``push`` their end points back to."""
+        raise NotImplementedError
+
+    def push(self, x: Tensor, slots: Tensor) -> None:
+        """Take the chains' end points ``x`` back into ``slots`` (from ``draw``)."""
+        raise NotImplementedError
+
+    def prepare(self, batch_size: int | None) -> None:
+        """Before training: fail early if ``batch_size`` chains per step cannot be drawn, and own the
+        chains (a ddp_spawn worker receives the parent's tensor in shared memory)."""
+        raise NotImplementedError
+
+    def rank_state(self) -> Tensor | None:
+        """This rank's chains as one tensor (gathered over ranks into a checkpoint), ``None`` if unfilled."""
+        raise NotImplementedError
+
+    def extra_state_for(self, chains: Tensor) -> Any:
+        """The ``_extra_state`` entry of ``state_dict`` that restores ``chains`` (from ``rank_state``)."""
+        raise NotImplementedError
+
+    def without_chains(self) -> PersistentLatent:
+        """A shallow copy holding no chains, to pickle with the hyper-parameters (the chains travel in
+        ``state_dict``, not twice)."""
+        raise NotImplementedError
+
+
+class ReplayBuffer(PersistentLatent):
     """Persistent chains: start the dynamics from earlier end points instead of fresh noise.
 
     ``draw(n)`` picks ``n`` random slots, re-initialises each with probability ``reinit_prob``
@@ -128,23 +166,38 @@ class ReplayBuffer(Latent):
     history, so ``log_prob`` raises.
     """
 
-    has_density = False
-
     def __init__(self, latent: Latent, capacity: int = 10000, reinit_prob: float = 0.05) -> None:
         super().__init__()
-        if not isinstance(latent, Latent) or isinstance(latent, ReplayBuffer):
-            raise ValueError(
-                f"ReplayBuffer: latent must be a Uniform, Gaussian or other non-buffer Latent, got {latent!r}"
-            )
-        if not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"ReplayBuffer: capacity must be a positive integer, got {capacity!r}")
-        if not 0.0 <= reinit_prob <= 1.0:
-            raise ValueError(f"ReplayBuffer: reinit_prob must be in [0, 1], got {reinit_prob!r}")
+        check_type("ReplayBuffer", "latent", latent, Latent, "a Uniform, Gaussian or other non-buffer Latent")
+        if isinstance(latent, PersistentLatent):
+            raise fail("ReplayBuffer", "latent", "a Uniform, Gaussian or other non-buffer Latent", latent)
         self.latent = latent
         self.shape = latent.shape
-        self.capacity = capacity
-        self.reinit_prob = float(reinit_prob)
+        self.capacity = check_int("ReplayBuffer", "capacity", capacity, minimum=1)
+        self.reinit_prob = check_float("ReplayBuffer", "reinit_prob", reinit_prob, minimum=0.0, maximum=1.0)
         self.buffer: Tensor | None = None
+
+    # ------------------------------------------------------------------ PersistentLatent
+    @property
+    def base(self) -> Latent:
+        return self.latent
+
+    def prepare(self, batch_size: int | None) -> None:
+        if isinstance(batch_size, int):
+            self.check_batch_size(batch_size)
+        if self.buffer is not None:
+            self.buffer = self.buffer.clone()
+
+    def rank_state(self) -> Tensor | None:
+        return self.buffer
+
+    def extra_state_for(self, chains: Tensor) -> Any:
+        return {"buffer": chains}
+
+    def without_chains(self) -> ReplayBuffer:
+        stripped = copy.copy(self)
+        stripped.buffer = None
+        return stripped
 
     def check_batch_size(self, batch_size: int) -> None:
         """Fail early when a training batch would not fit in the buffer."""

@@ -9,12 +9,14 @@ from urllib.error import URLError
 import torch
 from torch import Tensor
 
+from ._checks import check_choice, check_int, fail
+
 __all__ = ["mmd_rbf", "median_bandwidth", "sliced_wasserstein"]
 
 
 def _as_2d(x: Tensor, name: str) -> Tensor:
     if not isinstance(x, Tensor) or x.ndim < 2 or x.shape[0] < 2:
-        raise ValueError(f"{name} must be a tensor (N, *shape) with N >= 2, got {getattr(x, 'shape', x)!r}")
+        raise fail("metrics", name, "a tensor (N, *shape) with N >= 2", getattr(x, "shape", x))
     return x.flatten(1).double()
 
 
@@ -58,8 +60,8 @@ def sliced_wasserstein(
     x, y = _as_2d(x, "x"), _as_2d(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x and y must have the same number of features, got {x.shape[1]} and {y.shape[1]}")
-    if p < 1:
-        raise ValueError(f"p must be >= 1, got {p!r}")
+    p = check_int("sliced_wasserstein", "p", p, minimum=1)
+    num_projections = check_int("sliced_wasserstein", "num_projections", num_projections, minimum=1)
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     theta = torch.randn(x.shape[1], num_projections, generator=generator, dtype=torch.float64)
@@ -132,10 +134,8 @@ class DigitsFeatures(torch.nn.Module):
         self, image_size: int = 8, resize_mode: str = "pad", weights_path: str | None = None
     ) -> None:
         super().__init__()
-        if resize_mode not in ("pad", "resize"):
-            raise ValueError(f"DigitsFeatures: resize_mode must be 'pad' or 'resize', got {resize_mode!r}")
-        if not isinstance(image_size, int) or image_size < 8:
-            raise ValueError(f"DigitsFeatures: image_size must be an integer >= 8, got {image_size!r}")
+        check_choice("DigitsFeatures", "resize_mode", resize_mode, ("pad", "resize"))
+        image_size = check_int("DigitsFeatures", "image_size", image_size, minimum=8)
         self.image_size, self.resize_mode = image_size, resize_mode
         self.net = _DigitsNet()
         if weights_path is None:

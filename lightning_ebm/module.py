@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import copy
-import math
+import pickle
+import re
 import time
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,10 +16,13 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from . import density
+from . import _config, _quiet_known_noise, density
+from ._checks import check_bool, check_float, check_int, check_type, fail
+from ._state import RunState
 from .energies import check_energy_output
-from .latents import Latent, ReplayBuffer
+from .latents import Latent, PersistentLatent
 from .metrics import mmd_rbf, sliced_wasserstein
+from .objectives import MaximumLikelihood, Objective, TrainingStep, generator_loss
 from .samplers import Sampler, energy_grad
 
 __all__ = ["EBM"]
@@ -29,26 +34,27 @@ _EVAL_SEED_OFFSET = 2_147_483_629  # validation draws its own stream, never the 
 def _check_batch_size(method: str, batch_size: Any) -> None:
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                    or batch_size < 1):
-        raise ValueError(f"EBM.{method}: batch_size must be a positive integer or None, got {batch_size!r}")
+        raise fail(f"EBM.{method}", "batch_size", "a positive integer or None", batch_size)
 
 
 class EBM(L.LightningModule):
-    """An energy-based model trained "by maximum likelihood", seen as a self-adversarial game.
+    """An energy-based model: an energy (critic) trained against its own sampler (generator).
 
     The generator ``G(z) = sampler(energy, z)``, ``z ~ latent``, runs the dynamics of the energy;
-    the critic is the energy itself. Each training step minimises the critic loss
+    the critic is the energy itself. What each training step minimises is the ``objective``; the
+    default, ``MaximumLikelihood(alpha, generator_loss_weight, generator_loss_steps)``, is the
+    usual maximum-likelihood EBM update
 
         ``mean E(x_data) - mean E(sg(G(z))) + alpha * (mean E(x_data)^2 + mean E(G(z))^2)``
 
-    with the generated samples detached (``sg``), which is the usual maximum-likelihood EBM
-    update.
+    with the generated samples detached (``sg``).
 
     Args:
         energy: the critic, any ``nn.Module`` mapping ``(B, *shape)`` to ``(B,)``.
         sampler: the generator's dynamics (``GradientDescent``, ``Langevin``, ``ODE`` or any
             ``Sampler``).
         latent: ``p0``, where the dynamics start (``Uniform``, ``Gaussian``, ``ReplayBuffer``).
-        alpha: weight of the energy-magnitude regulariser (keeps energies near 0).
+        alpha: weight of the energy-magnitude regulariser of the default objective.
         data_noise: standard deviation of Gaussian jitter added to training data (0 = none).
         num_negatives: generated samples per step; ``None`` uses the data batch size.
         optimizer: factory ``params -> Optimizer`` (a class such as ``torch.optim.Adam`` or a
@@ -59,14 +65,16 @@ class EBM(L.LightningModule):
             chains. The stream's state is saved in checkpoints.
         val_max_samples: cap on the held-out points used for the validation metrics.
         check_finite: raise on non-finite values in a training batch (one device sync per step).
-        generator_loss_weight: weight of the optional generator loss ``mean E_sg(G(z))``: the
-            energy of the generated samples under the critic held fixed, differentiated through
-            the last ``generator_loss_steps`` steps of the dynamics (the GAN generator
-            objective, see ``generator_loss``). ``0`` (default) trains the critic alone.
+        generator_loss_weight: weight of the default objective's optional generator loss
+            ``mean E_sg(G(z))`` through the last ``generator_loss_steps`` steps of the dynamics
+            (see ``objectives.MaximumLikelihood``); ``0`` (default) trains the critic alone.
         generator_loss_steps: how many final steps of the dynamics the generator loss unrolls.
         channels_last: for image energies ``(B, C, H, W)``: store the energy's 4-D weights and
             feed data and latents in the channels-last memory format (faster convolutions on
             recent GPUs and oneDNN CPUs; the samplers keep the format of their input).
+        objective: the training loss (an ``objectives.Objective``); ``None`` builds
+            ``MaximumLikelihood`` from ``alpha``, ``generator_loss_weight`` and
+            ``generator_loss_steps``, which must then keep their defaults.
     """
 
     def __init__(
@@ -85,53 +93,54 @@ class EBM(L.LightningModule):
         generator_loss_weight: float = 0.0,
         generator_loss_steps: int = 1,
         channels_last: bool = False,
+        objective: Objective | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(energy, nn.Module):
-            raise TypeError(f"energy must be an nn.Module mapping (B, *shape) -> (B,), got {type(energy).__name__}")
-        if not isinstance(sampler, Sampler):
-            raise TypeError(f"sampler must be a lightning_ebm.samplers.Sampler, got {type(sampler).__name__}")
-        if not isinstance(latent, Latent):
-            raise TypeError(f"latent must be a lightning_ebm.latents.Latent, got {type(latent).__name__}")
-        for name, value in (("alpha", alpha), ("data_noise", data_noise)):
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"EBM: {name} must be a finite number >= 0, got {value!r}")
-        if num_negatives is not None and (not isinstance(num_negatives, int) or num_negatives < 1):
-            raise ValueError(f"EBM: num_negatives must be a positive integer or None, got {num_negatives!r}")
-        if not isinstance(val_max_samples, int) or val_max_samples < 4:
-            raise ValueError(f"EBM: val_max_samples must be an integer >= 4, got {val_max_samples!r}")
+        # components may arrive as plain configs ({"class_path", "init_args"}): from a checkpoint or
+        # a pretrained directory; factories (optimizer, lr_scheduler) become functools.partial
+        energy, sampler, latent = (_config.build(v, k) for k, v in (("energy", energy), ("sampler", sampler),
+                                                                     ("latent", latent)))
+        optimizer = _config.build(optimizer, "optimizer", factory=True)
+        lr_scheduler = _config.build(lr_scheduler, "lr_scheduler", factory=True)
+        objective = _config.build(objective, "objective")
+        check_type("EBM", "energy", energy, nn.Module, "an nn.Module mapping (B, *shape) -> (B,)")
+        check_type("EBM", "sampler", sampler, Sampler, "a lightning_ebm.samplers.Sampler")
+        check_type("EBM", "latent", latent, Latent, "a lightning_ebm.latents.Latent")
+        check_type("EBM", "objective", objective, (Objective, type(None)),
+                   "a lightning_ebm.objectives.Objective or None")
+        self.alpha = check_float("EBM", "alpha", alpha, minimum=0)
+        self.data_noise = check_float("EBM", "data_noise", data_noise, minimum=0)
+        self.num_negatives = check_int("EBM", "num_negatives", num_negatives, minimum=1, allow_none=True)
+        self.val_max_samples = check_int("EBM", "val_max_samples", val_max_samples, minimum=4)
+        self.check_finite = check_bool("EBM", "check_finite", check_finite)
+        self.channels_last = check_bool("EBM", "channels_last", channels_last)
+        self.generator_loss_weight = check_float("EBM", "generator_loss_weight", generator_loss_weight, minimum=0)
+        self.generator_loss_steps = check_int("EBM", "generator_loss_steps", generator_loss_steps, minimum=1)
+        self.rng_seed = check_int("EBM", "rng_seed", rng_seed, allow_none=True)
         if not callable(optimizer):
-            raise TypeError(f"EBM: optimizer must be a callable params -> Optimizer, got {optimizer!r}")
-        if not isinstance(channels_last, bool):
-            raise ValueError(f"EBM: channels_last must be True or False, got {channels_last!r}")
+            raise fail("EBM", "optimizer", "a callable params -> Optimizer", optimizer)
         if channels_last and len(latent.shape) != 3:
             raise ValueError(f"EBM: channels_last=True needs image samples of shape (C, H, W), but the latent's "
                              f"shape is {tuple(latent.shape)}")
+        defaults = (self.alpha, self.generator_loss_weight, self.generator_loss_steps) == (0.1, 0.0, 1)
+        if objective is not None and not defaults:
+            raise ValueError(f"EBM: give either objective={objective!r} or alpha, generator_loss_weight and "
+                             "generator_loss_steps (which build the default MaximumLikelihood), not both")
         with warnings.catch_warnings():
-            # components are kept in the hyper-parameters on purpose: load_from_checkpoint needs them
+            # components are kept in the hyper-parameters on purpose: checkpoints store them as configs
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
         self.energy = energy
         self.sampler = sampler
         self.latent = latent
-        self.channels_last = channels_last
+        self.objective = objective if objective is not None else MaximumLikelihood(
+            self.alpha, self.generator_loss_weight, self.generator_loss_steps)
         if channels_last:
             self.energy.to(memory_format=torch.channels_last)
-        self.alpha, self.data_noise = float(alpha), float(data_noise)
-        self.num_negatives = num_negatives
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.rng_seed, self.val_max_samples, self.check_finite = rng_seed, val_max_samples, check_finite
-        self._rng: torch.Generator | None = None
-        self._rng_rank = 0
-        self._pending_rng_state: Tensor | None = None
+        self._run_state = RunState(self.rng_seed)
         self._val_batches: list[Tensor] = []
         self._last_step_time: float | None = None
-        gw, gk = generator_loss_weight, generator_loss_steps
-        if not isinstance(gw, (int, float)) or not math.isfinite(gw) or gw < 0:
-            raise ValueError(f"EBM: generator_loss_weight must be a finite number >= 0, got {gw!r}")
-        if not isinstance(gk, int) or isinstance(gk, bool) or gk < 1:
-            raise ValueError(f"EBM: generator_loss_steps must be a positive integer, got {gk!r}")
-        self.generator_loss_weight, self.generator_loss_steps = float(gw), gk
 
     # ------------------------------------------------------------------ generator
     @property
@@ -141,17 +150,7 @@ class EBM(L.LightningModule):
         Created on first use (in the training process, on the training device) from ``rng_seed``
         (or the global seed) and the rank; its state is saved in checkpoints and restored.
         """
-        rank = self.trainer.global_rank if self._trainer is not None else 0
-        # a stream made in another process (pickled to ddp_spawn workers) belongs to another rank
-        if self._rng is None or self._rng.device != self.device or self._rng_rank != rank:
-            base = self.rng_seed if self.rng_seed is not None else torch.initial_seed()
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed((int(base) * 1_000_003 + 104_729 * rank) % (2**63 - 1))
-            if self._pending_rng_state is not None:
-                gen.set_state(self._pending_rng_state)
-                self._pending_rng_state = None
-            self._rng, self._rng_rank = gen, rank
-        return self._rng
+        return self._run_state.rng(self)
 
     @torch.no_grad()
     def generate(
@@ -240,6 +239,7 @@ class EBM(L.LightningModule):
 
     # ------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:
+        _quiet_known_noise()  # Lightning's own deprecated-API warning, dropped by catch_warnings() around a run
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_shape = getattr(datamodule, "sample_shape", None)
         if data_shape is not None and tuple(data_shape) != tuple(self.latent.shape):
@@ -249,11 +249,8 @@ class EBM(L.LightningModule):
                 f"{list(data_shape)}"
             )
         batch_size = self.num_negatives or getattr(datamodule, "batch_size", None)
-        if isinstance(self.latent, ReplayBuffer) and isinstance(batch_size, int):
-            self.latent.check_batch_size(batch_size)
-        if isinstance(self.latent, ReplayBuffer) and self.latent.buffer is not None:
-            # ddp_spawn hands every worker the parent's tensor in shared memory: each rank owns its chains
-            self.latent.buffer = self.latent.buffer.clone()
+        draws = self.objective.needs_negatives and isinstance(batch_size, int)
+        self._run_state.prepare(self, batch_size if draws else None)
         self._dry_run()
 
     def _dry_run(self) -> None:
@@ -261,7 +258,7 @@ class EBM(L.LightningModule):
         param = next(self.energy.parameters(), None)
         device = param.device if param is not None else self.device
         dtype = param.dtype if param is not None and param.is_floating_point() else self.dtype
-        base = self.latent.latent if isinstance(self.latent, ReplayBuffer) else self.latent
+        base = self.latent.base if isinstance(self.latent, PersistentLatent) else self.latent
         z = base.sample(2, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
         with torch.no_grad():
             check_energy_output(self.energy(z), z)
@@ -289,61 +286,41 @@ class EBM(L.LightningModule):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # ------------------------------------------------------------------ training
-    def _draw_latent(self, n: int, like: Tensor) -> tuple[Tensor, Tensor | None]:
-        if isinstance(self.latent, ReplayBuffer):
-            z, slots = self.latent.draw(n, generator=self.rng, device=like.device, dtype=like.dtype)
-            return self._memory_format(z), slots
-        z = self.latent.sample(n, generator=self.rng, device=like.device, dtype=like.dtype)
-        return self._memory_format(z), None
-
     def critic_loss(self, e_data: Tensor, e_gen: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """The critic loss and its parts; ``e_gen`` are energies of detached generator samples."""
-        gap = e_data.mean() - e_gen.mean()
-        reg = e_data.pow(2).mean() + e_gen.pow(2).mean()
-        return gap + self.alpha * reg, {"energy_data": e_data.mean(), "energy_gen": e_gen.mean(),
-                                        "energy_gap": gap, "energy_reg": reg}
+        """The critic loss and its parts (the objective's, ``MaximumLikelihood.critic_loss``)."""
+        if not hasattr(self.objective, "critic_loss"):
+            raise AttributeError(f"EBM.critic_loss is the maximum-likelihood critic loss; the objective "
+                                 f"{self.objective!r} has none")
+        return self.objective.critic_loss(e_data, e_gen)
 
     def generator_loss(self, x_gen: Tensor) -> Tensor:
-        """``mean E(x_gen)`` with the critic's parameters held fixed (detached).
-
-        ``x_gen`` must come from the sampler with ``differentiable_steps > 0``: the gradient then
-        reaches the parameters only through the dynamics, moving the generator towards lower
-        energy under the current critic, as a GAN's generator step does.
-        """
-        frozen = {name: p.detach() for name, p in self.energy.named_parameters()}
-        return torch.func.functional_call(self.energy, frozen, (x_gen,)).mean()
+        """``mean E(x_gen)`` with the critic held fixed (``objectives.generator_loss``)."""
+        return generator_loss(self.energy, x_gen)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x_data = self._data(batch, batch_idx, "training")
         n = self.num_negatives or x_data.shape[0]
-        z, slots = self._draw_latent(n, x_data)
-        if self.generator_loss_weight > 0:  # keep the graph of the last steps for the generator loss
-            x_unrolled = self.sampler(self.energy, z, generator=self.rng,
-                                      differentiable_steps=self.generator_loss_steps)
-            x_gen = x_unrolled.detach()
-        else:
-            x_gen = self.sampler(self.energy, z, generator=self.rng)
-        if slots is not None:
-            self.latent.push(x_gen, slots)
-        if self.data_noise > 0:
-            noise = torch.randn(x_data.shape, generator=self.rng, device=x_data.device, dtype=x_data.dtype)
-            x_data = x_data + self.data_noise * noise
-        e_data, e_gen = self(x_data), self(x_gen)
-        loss, parts = self.critic_loss(e_data, e_gen)
-        if self.generator_loss_weight > 0:
-            parts["generator_loss"] = self.generator_loss(x_unrolled)
-            loss = loss + self.generator_loss_weight * parts["generator_loss"]
+        step = TrainingStep(self.energy, self.sampler, self.latent, self.rng, x_data, n,
+                            data_noise=self.data_noise, memory_format=self._memory_format)
+        loss, parts = self.objective(step)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, sync_dist=True)
-        self.log("train/nfe", float(self.sampler.last_nfe))
-        if self._trainer is not None and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            grad_norm = energy_grad(self.energy, x_gen).flatten(1).norm(dim=1).mean()
-            self.log("train/grad_norm_gen", grad_norm)
+        if step.generated is not None:
+            self._log_sampler(step.generated)
         now = time.perf_counter()
         if self._last_step_time is not None:
             self.log("train/samples_per_sec", n / max(now - self._last_step_time, 1e-9))
         self._last_step_time = now
         return loss
+
+    def _log_sampler(self, x_gen: Tensor) -> None:
+        """What the sampler reported of its last call (``train/sampler/*``) and the gradient at its output."""
+        info = getattr(self.sampler, "last_info", None) or {"nfe": self.sampler.last_nfe}
+        self.log_dict({f"train/sampler/{k}": float(v) for k, v in info.items()})
+        self.log("train/nfe", float(info["nfe"]))  # the name before train/sampler/nfe, kept for users
+        if self._trainer is not None and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            grad_norm = energy_grad(self.energy, x_gen).flatten(1).norm(dim=1).mean()
+            self.log("train/grad_norm_gen", grad_norm)
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
@@ -409,69 +386,79 @@ class EBM(L.LightningModule):
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def _replay_buffers(self) -> list[tuple[str, ReplayBuffer]]:
-        return [(name, m) for name, m in self.named_modules() if isinstance(m, ReplayBuffer)]
-
-    def _gather_rank_states(self) -> list[dict[str, Any]]:
-        """Every rank's random stream and replay-buffer chains (a collective: all ranks call it)."""
-        rng = self.all_gather(self.rng.get_state().to(self.device)).cpu()
-        states: list[dict[str, Any]] = [{"rng_state": r.clone(), "replay_buffers": {}} for r in rng]
-        for name, buffer in self._replay_buffers():
-            if buffer.buffer is None:  # not filled yet: the same on every rank (they step in lockstep)
-                continue
-            chains_all = self.all_gather(buffer.buffer.to(self.device)).cpu()  # NCCL gathers device tensors
-            for state, chains in zip(states, chains_all, strict=True):
-                state["replay_buffers"][name] = chains.clone()
-        return states
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lightning_ebm"] = {"rng_state": self.rng.get_state()}
-        if self._trainer is not None and self.trainer.world_size > 1:
-            # on_save_checkpoint runs on every rank but only rank 0 writes: gather what is per rank
-            checkpoint["lightning_ebm"]["ranks"] = self._gather_rank_states()
-        hparams = checkpoint.get("hyper_parameters", {})
-        if isinstance(hparams.get("latent"), ReplayBuffer):
-            # the chains travel in state_dict; do not pickle a second copy with the hyper-parameters
-            stripped = copy.copy(hparams["latent"])
-            stripped.__dict__ = dict(stripped.__dict__, buffer=None)
-            hparams["latent"] = stripped
+        self._run_state.save(self, checkpoint)  # a collective under DDP: every rank's stream and chains
+        self._strip_hparams(checkpoint)
+        if "hyper_parameters" in checkpoint:  # components as plain configs: loads with weights_only=True
+            checkpoint["hyper_parameters"], problems = _config.hparams_to_config(checkpoint["hyper_parameters"])
+            for problem in problems:  # Python's warning filter shows each message once, not at every save
+                rank_zero_warn(f"EBM checkpoint: {problem}. The checkpoint resumes training all the same; "
+                               "where this part cannot be rebuilt, pass it to load_from_checkpoint")
+
+    def _strip_hparams(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the hyper-parameters pickled in ``checkpoint`` free of training state (chains)."""
+        RunState.strip_hparams(checkpoint.get("hyper_parameters", {}))
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        extra = checkpoint.get("lightning_ebm", {})
-        state = extra.get("rng_state")
-        ranks = extra.get("ranks")
-        if ranks:  # written under DDP: take this rank's stream and chains
-            training = self._trainer is not None
-            world, rank = (self.trainer.world_size, self.trainer.global_rank) if training else (1, 0)
-            if training and len(ranks) != world:
-                rank_zero_warn(
-                    f"EBM: the checkpoint holds the state of {len(ranks)} ranks but this run has {world}; "
-                    f"rank r takes the replay buffer of rank r % {len(ranks)}, ranks >= {len(ranks)} start "
-                    "fresh random streams: this resume is not exact"
-                )
-            mine = ranks[rank % len(ranks)]
-            state = mine["rng_state"] if rank < len(ranks) else None
-            self._rng = None
-            # load_state_dict runs after this hook: swap this rank's chains into the state dict, and
-            # into the raw weights that a weight-averaging callback (EMA) reloads after the module
-            for name, chains in mine["replay_buffers"].items():
-                for key in ("state_dict", "current_model_state"):
-                    if key in checkpoint:
-                        checkpoint[key][f"{name}._extra_state"] = {"buffer": chains}
-        if state is not None:
-            self._pending_rng_state = state
-            self._rng = None
+        self._run_state.load(self, checkpoint)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, weights_only: bool | None = None,
-                             **kwargs: Any) -> EBM:
+                             allow_classes: Sequence[str] | None = None, **kwargs: Any) -> EBM:
         """Load a checkpoint written by ``EBM`` (see ``LightningModule.load_from_checkpoint``).
 
-        ``weights_only`` defaults to ``False`` because a checkpoint of a model built in Python
-        holds its components (energy, sampler, latent) pickled with the hyper-parameters; load
-        only checkpoints you trust. Checkpoints written by the ``lightning-ebm`` CLI hold plain
-        configs and also load with ``weights_only=True``.
+        Checkpoints hold their components as plain configs and load with torch's default
+        ``weights_only=True``. Rebuilding imports only classes of ``lightning_ebm``, ``torch.nn``,
+        ``torch.optim``, classes already imported, and ``allow_classes`` (class paths or module
+        prefixes, for your own classes in modules not imported yet). A component that could not
+        be recorded is passed as an argument (``energy=MyEnergy(...)``). ``weights_only=False``
+        reads older checkpoints with pickled components: only for checkpoints you trust.
         """
-        if weights_only is None:
-            weights_only = False
-        return super().load_from_checkpoint(checkpoint_path, *args, weights_only=weights_only, **kwargs)
+        try:
+            with _config.allowing(allow_classes):
+                return super().load_from_checkpoint(checkpoint_path, *args, weights_only=weights_only, **kwargs)
+        except pickle.UnpicklingError as err:
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            what = f" (it pickles {found.group(1)})" if found else ""
+            raise _config.ComponentConfigError(
+                f"EBM.load_from_checkpoint: {checkpoint_path} holds pickled Python objects{what}, which torch "
+                "refuses to load with weights_only=True; it was written by an older lightning_ebm. If you trust "
+                "the file, load it with weights_only=False") from None
+
+    # ------------------------------------------------------------------ sharing (lightning_ebm.hub)
+    def save_pretrained(self, path: str | Path, *, include_replay_buffer: bool = False,
+                        metrics_csv: str | Path | None = None, sample_picture: bool = True) -> Path:
+        """Write the whole generator as a directory: config.json, model.safetensors, a model card.
+
+        No pickle: components are plain configs, weights are safetensors (the ``hub`` extra). See
+        ``lightning_ebm.hub.save_pretrained``.
+        """
+        from . import hub
+
+        return hub.save_pretrained(self, path, include_replay_buffer=include_replay_buffer,
+                                   metrics_csv=metrics_csv, sample_picture=sample_picture)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | Path, *, allow_classes: Sequence[str] | None = None,
+                        **kwargs: Any) -> EBM:
+        """Load a directory written by ``save_pretrained`` or a Hugging Face Hub repo holding one.
+
+        Imports only classes of ``lightning_ebm``, ``torch.nn``, ``torch.optim`` and
+        ``allow_classes``. See ``lightning_ebm.hub.from_pretrained`` for the other arguments.
+        """
+        from . import hub
+
+        model = hub.from_pretrained(path_or_repo_id, allow_classes=allow_classes, **kwargs)
+        if not isinstance(model, cls):
+            raise _config.ComponentConfigError(f"{cls.__name__}.from_pretrained: {path_or_repo_id} holds a "
+                                               f"{type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """``save_pretrained`` and upload to the Hugging Face Hub repo ``repo_id`` (created if needed).
+
+        See ``lightning_ebm.hub.push_to_hub`` for the arguments (token, private, commit_message, ...).
+        """
+        from . import hub
+
+        return hub.push_to_hub(self, repo_id, **kwargs)

@@ -15,8 +15,9 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from .. import density
+from .._checks import check_int, fail
 from ..metrics import mmd_rbf
-from .logging import EveryNSteps, log_image
+from .logging import EveryNSteps, held_out_data, log_image
 
 __all__ = ["DensityPanel2D", "LongRunDiagnostic", "density_metrics", "density_figure"]
 
@@ -36,22 +37,6 @@ def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
 def _log_metrics(trainer: L.Trainer, metrics: dict[str, float]) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
-
-
-def _held_out(trainer: L.Trainer, n: int) -> Tensor | None:
-    """Up to ``n`` held-out points: the DataModule's ``val_data``, else its validation batches."""
-    datamodule = getattr(trainer, "datamodule", None)
-    data = getattr(datamodule, "val_data", None)
-    if data is None and datamodule is not None and hasattr(datamodule, "val_dataloader"):
-        batches, count = [], 0
-        for batch in datamodule.val_dataloader():
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            batches.append(x)
-            count += x.shape[0]
-            if count >= n:
-                break
-        data = torch.cat(batches) if batches else None
-    return None if data is None else data[:n]
 
 
 def _padded_bounds(data: Tensor, margin: float = 0.15) -> tuple[float, float, float, float]:
@@ -138,12 +123,16 @@ class DensityPanel2D(EveryNSteps):
         batch_size: int = 4096,
     ) -> None:
         super().__init__(every_n_steps)
-        for name, value in (("grid_size", grid_size), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DensityPanel2D: {name} must be a positive integer, got {value!r}")
-        if bounds is not None and (len(bounds) != 4 or not (bounds[0] < bounds[1] and bounds[2] < bounds[3])):
-            raise ValueError(f"DensityPanel2D: bounds must be (xmin, xmax, ymin, ymax), increasing, "
-                             f"got {bounds!r}")
+        grid_size = check_int("DensityPanel2D", "grid_size", grid_size, minimum=1)
+        batch_size = check_int("DensityPanel2D", "batch_size", batch_size, minimum=1)
+        num_probes = check_int("DensityPanel2D", "num_probes", num_probes, minimum=1)
+        if bounds is not None:
+            ok = isinstance(bounds, Sequence) and not isinstance(bounds, str) and len(bounds) == 4
+            ok = ok and all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                            for b in bounds)
+            if not ok or not (bounds[0] < bounds[1] and bounds[2] < bounds[3]):
+                raise fail("DensityPanel2D", "bounds", "(xmin, xmax, ymin, ymax) with xmin < xmax and ymin < ymax",
+                           bounds)
         density.resolve_trace(trace, 2)
         self.bounds, self.grid_size = bounds, grid_size
         self.trace, self.num_probes, self.batch_size = trace, num_probes, batch_size
@@ -155,7 +144,7 @@ class DensityPanel2D(EveryNSteps):
             raise ValueError(f"DensityPanel2D needs 2-D samples, the latent has shape "
                              f"{tuple(pl_module.latent.shape)}")
         datamodule = getattr(trainer, "datamodule", None)
-        held_out = _held_out(trainer, 100_000)
+        held_out = held_out_data(trainer, 100_000)
         bounds = self.bounds
         if bounds is None:
             if held_out is None:
@@ -216,11 +205,13 @@ class LongRunDiagnostic(EveryNSteps):
     def __init__(self, every_n_steps: int = 1000, multiples: Sequence[int] = (10, 100),
                  num_samples: int = 1000, seed: int = 0) -> None:
         super().__init__(every_n_steps)
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"LongRunDiagnostic: num_samples must be a positive integer, got {num_samples!r}")
+        num_samples = check_int("LongRunDiagnostic", "num_samples", num_samples, minimum=1)
+        seed = check_int("LongRunDiagnostic", "seed", seed)
+        if not isinstance(multiples, Sequence) or isinstance(multiples, str):
+            raise fail("LongRunDiagnostic", "multiples", "a non-empty sequence of integers >= 2", multiples)
         multiples = tuple(multiples)
-        if not multiples or any(not isinstance(m, int) or m < 2 for m in multiples):
-            raise ValueError(f"LongRunDiagnostic: multiples must be integers >= 2, got {multiples!r}")
+        if not multiples or any(not isinstance(m, int) or isinstance(m, bool) or m < 2 for m in multiples):
+            raise fail("LongRunDiagnostic", "multiples", "a non-empty sequence of integers >= 2", multiples)
         self.num_samples, self.seed = num_samples, seed
         self.multiples = tuple(sorted(set(multiples)))
         self.last_metrics: dict[str, float] = {}
@@ -241,7 +232,7 @@ class LongRunDiagnostic(EveryNSteps):
         with _eval_mode(pl_module), torch.no_grad():
             runs = self.run(pl_module)
             energies = {m: pl_module.energy(x) for m, x in runs.items()}
-        data = _held_out(trainer, self.num_samples)
+        data = held_out_data(trainer, self.num_samples)
         metrics: dict[str, float] = {}
         for m, x in runs.items():
             finite = torch.isfinite(x.flatten(1)).all(1) & torch.isfinite(energies[m])

@@ -9,6 +9,9 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
+from .._checks import check_bool, check_float, check_int, fail
+from .._state import RAW_WEIGHTS_KEY, WEIGHT_KEYS
+
 __all__ = ["EMA", "averaged_weights"]
 
 
@@ -47,11 +50,14 @@ class EMA(EMAWeightAveraging):
         device: str | None = None,
         use_buffers: bool = True,
     ) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA: decay must be in [0, 1), got {decay!r}")
-        if not isinstance(update_every_n_steps, int) or update_every_n_steps < 1:
-            raise ValueError(f"EMA: update_every_n_steps must be a positive integer, got "
-                             f"{update_every_n_steps!r}")
+        if check_float("EMA", "decay", decay, minimum=0.0) >= 1.0:
+            raise fail("EMA", "decay", "a finite number in [0, 1)", decay)
+        update_every_n_steps = check_int("EMA", "update_every_n_steps", update_every_n_steps, minimum=1)
+        update_starting_at_step = check_int("EMA", "update_starting_at_step", update_starting_at_step, minimum=0,
+                                            allow_none=True)
+        update_starting_at_epoch = check_int("EMA", "update_starting_at_epoch", update_starting_at_epoch,
+                                             minimum=0, allow_none=True)
+        use_buffers = check_bool("EMA", "use_buffers", use_buffers)
         super().__init__(device=device, use_buffers=use_buffers, decay=decay,
                          update_every_n_steps=update_every_n_steps,
                          update_starting_at_step=update_starting_at_step,
@@ -98,10 +104,10 @@ class EMA(EMAWeightAveraging):
             # written mid-validation: the module holds the average already, the copy the raw weights
             state = self._average_model.state_dict()
             raw = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
-            checkpoint["current_model_state"] = raw
+            checkpoint[RAW_WEIGHTS_KEY] = raw
             checkpoint["averaging_state"] = {k: v for k, v in state.items() if not k.startswith("module.")}
         live = {k: v for k, v in pl_module.state_dict().items() if k.endswith("_extra_state")}
-        for key in ("state_dict", "current_model_state"):
+        for key in WEIGHT_KEYS:
             if key in checkpoint:
                 checkpoint[key].update(live)
 

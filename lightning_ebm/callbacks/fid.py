@@ -8,7 +8,12 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torchmetrics.image import FrechetInceptionDistance, InceptionScore, KernelInceptionDistance
+
+# from the submodules: the package ``torchmetrics.image`` exports these only when torch-fidelity is
+# installed, which they need only for their default Inception network (this callback gives features)
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchmetrics.image.kid import KernelInceptionDistance
 from tqdm.auto import tqdm
 
 from ..metrics import InceptionFeatures

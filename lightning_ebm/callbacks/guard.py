@@ -268,7 +268,13 @@ class DivergenceGuard(L.Callback):
         lrs = self._restore(trainer, pl_module)
         path = self._checkpoint_dir(trainer) / "last-good.ckpt"
         trainer.save_checkpoint(path)
-        why = "mode='stop'" if self.mode == "stop" else f"all {self.max_rollbacks} rollbacks are spent"
+        if self.mode == "stop":
+            why, advice = "mode='stop'", "or let the guard do this by itself with DivergenceGuard(mode='rollback')."
+        else:
+            why = f"all {self.max_rollbacks} rollbacks are spent"
+            advice = (f"Training diverged again after {self.max_rollbacks} rollbacks, so more of the same is unlikely "
+                      "to help: lower the learning rate in the config, raise the regulariser `alpha`, clip the "
+                      "sampler's gradients (`grad_clip`), or allow more rollbacks (`max_rollbacks`).")
         raise DivergenceError(
             f"DivergenceGuard stopped training ({why}): {failure} {where}.\n"
             f"The last good state (model, replay buffer, optimizer of global step {self._snapshot['step']}), "
@@ -276,7 +282,7 @@ class DivergenceGuard(L.Callback):
             f"is saved to {path}.\n"
             f"Resume from it:  lightning-ebm fit --config <your config> --ckpt_path {path}\n"
             "(on resume the learning rate comes from the checkpoint's optimizer state, not from the config), "
-            "or let the guard do this by itself with DivergenceGuard(mode='rollback')."
+            f"{advice}"
         )
 
     def _checkpoint_dir(self, trainer: L.Trainer) -> Path:

@@ -9,10 +9,16 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid
 
+from .._checks import check_int, check_pair
 from .ema import averaged_weights
 from .logging import EveryNSteps, log_image
 
-__all__ = ["SampleGrid", "image_grid"]
+__all__ = ["SampleGrid", "default_pixel_scale", "image_grid"]
+
+
+def default_pixel_scale(shape: tuple[int, ...], tile: int = 32) -> int:
+    """The pixel enlargement that makes an image of ``shape`` ``(C, H, W)`` at least ``tile`` pixels wide."""
+    return max(1, -(-tile // max(shape[1:])))
 
 
 def image_grid(
@@ -64,18 +70,12 @@ class SampleGrid(EveryNSteps):
         seed: int = 0,
     ) -> None:
         super().__init__(every_n_steps)
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"SampleGrid: num_samples must be a positive integer, got {num_samples!r}")
-        if not isinstance(num_chains, int) or num_chains < 0:
-            raise ValueError(f"SampleGrid: num_chains must be an integer >= 0, got {num_chains!r}")
-        if not isinstance(num_frames, int) or num_frames < 2:
-            raise ValueError(f"SampleGrid: num_frames must be an integer >= 2, got {num_frames!r}")
-        if len(value_range) != 2 or not value_range[0] < value_range[1]:
-            raise ValueError(f"SampleGrid: value_range must be a pair (low, high) with low < high, got "
-                             f"{value_range!r}")
-        if pixel_scale is not None and (not isinstance(pixel_scale, int) or pixel_scale < 1):
-            raise ValueError(f"SampleGrid: pixel_scale must be a positive integer or None, got "
-                             f"{pixel_scale!r}")
+        num_samples = check_int("SampleGrid", "num_samples", num_samples, minimum=1)
+        num_chains = check_int("SampleGrid", "num_chains", num_chains, minimum=0)
+        num_frames = check_int("SampleGrid", "num_frames", num_frames, minimum=2)
+        value_range = check_pair("SampleGrid", "value_range", value_range)
+        pixel_scale = check_int("SampleGrid", "pixel_scale", pixel_scale, minimum=1, allow_none=True)
+        seed = check_int("SampleGrid", "seed", seed)
         self.num_samples, self.num_chains = num_samples, num_chains
         self.num_frames, self.value_range = num_frames, value_range
         self.pixel_scale, self.seed = pixel_scale, seed
@@ -85,7 +85,7 @@ class SampleGrid(EveryNSteps):
         shape = tuple(pl_module.latent.shape)
         if len(shape) != 3:
             raise ValueError(f"SampleGrid needs image samples (C, H, W); the latent has shape {shape}")
-        scale = self.pixel_scale or max(1, -(-32 // max(shape[1:])))
+        scale = self.pixel_scale or default_pixel_scale(shape)
         gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         x = pl_module.generate(self.num_samples, generator=gen)
         grid = image_grid(x, nrow=max(1, round(self.num_samples**0.5)), value_range=self.value_range,

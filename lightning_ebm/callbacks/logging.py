@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["log_image", "figure_to_array", "run_dir", "EveryNSteps"]
+__all__ = ["log_image", "figure_to_array", "run_dir", "held_out_data", "EveryNSteps"]
 
 
 class EveryNSteps(L.Callback):
@@ -43,6 +43,35 @@ class EveryNSteps(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._log_once(trainer, pl_module)
+
+
+def held_out_data(trainer: L.Trainer, n: int) -> Any:
+    """Up to ``n`` held-out samples for a picture: the DataModule's ``val_data`` when it has one, else
+    the first validation batches (of the DataModule, or the loaders given to ``fit``); ``None`` if none."""
+    import torch
+
+    datamodule = getattr(trainer, "datamodule", None)
+    data = getattr(datamodule, "val_data", None)
+    if data is None:
+        loaders = None
+        if datamodule is not None and hasattr(datamodule, "val_dataloader"):
+            try:
+                loaders = datamodule.val_dataloader()
+            except NotImplementedError:  # a LightningDataModule without validation data
+                loaders = None
+        if loaders is None:
+            loaders = getattr(trainer, "val_dataloaders", None)
+        if isinstance(loaders, (list, tuple)):
+            loaders = loaders[0] if loaders else None
+        batches, count = [], 0
+        for batch in loaders if loaders is not None else ():
+            x = batch[0] if isinstance(batch, (list, tuple)) else batch
+            batches.append(x)
+            count += x.shape[0]
+            if count >= n:
+                break
+        data = torch.cat(batches) if batches else None
+    return None if data is None else data[:n]
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:

@@ -6,10 +6,11 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .logging import EveryNSteps, log_image
+from .logging import EveryNSteps, held_out_data, log_image
 
 __all__ = ["Plot2D", "energy_on_grid", "plot_2d"]
 
@@ -83,7 +84,8 @@ def plot_2d(
 class Plot2D(EveryNSteps):
     """Every ``every_n_steps`` training steps (and at the end of training) log a 2-D picture.
 
-    The picture shows held-out data (from the DataModule's ``val_data`` when it has one) against
+    The picture shows held-out data (the DataModule's ``val_data``, else its first validation
+    batches, else those of the validation loader given to ``fit``) against
     ``num_samples`` generated samples, and the energy landscape with ``num_trajectories`` runs of
     the dynamics from ``z`` to ``G(z)``. The samples come from a fixed seed, so frames of one run
     are comparable. Logged through ``log_image`` (W&B, TensorBoard or PNG in the run directory).
@@ -106,6 +108,7 @@ class Plot2D(EveryNSteps):
             raise ValueError(f"Plot2D: num_trajectories must be an integer >= 0, got {num_trajectories!r}")
         self.num_samples, self.num_trajectories = num_samples, num_trajectories
         self.grid_size, self.bounds, self.seed = grid_size, bounds, seed
+        self._warned_no_data = False
 
     def make_figure(self, trainer: L.Trainer, pl_module: Any) -> Figure:
         if tuple(pl_module.latent.shape) != (2,):
@@ -115,9 +118,11 @@ class Plot2D(EveryNSteps):
         trajectories = None
         if self.num_trajectories:
             _, trajectories = pl_module.generate(self.num_trajectories, generator=gen, return_trajectory=True)
-        data = getattr(getattr(trainer, "datamodule", None), "val_data", None)
-        if data is not None:
-            data = data[: self.num_samples]
+        data = held_out_data(trainer, self.num_samples)
+        if data is None and not self._warned_no_data:
+            self._warned_no_data = True
+            rank_zero_warn("Plot2D: no held-out data to draw next to the samples: the DataModule has neither "
+                           "`val_data` nor a `val_dataloader`, and fit was given no validation loader")
         return plot_2d(pl_module.energy, x, data, trajectories, self.bounds, self.grid_size,
                        title=f"step {trainer.global_step}")
 

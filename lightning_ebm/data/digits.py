@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from .._checks import check_bool, check_choice, check_float, check_int
+
 __all__ = ["DigitsDataModule", "load_digits", "digits_split", "digits_to_images", "DIGITS_LEVELS"]
 
 #: grey levels of the digits' pixels (0..16)
@@ -38,8 +40,9 @@ def digits_split(n: int = 1797, val_fraction: float = 0.2, seed: int = 0) -> tup
     training part), so the digits FID against the held-out part uses images that network never
     saw.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    n = check_int("digits_split", "n", n, minimum=4)
+    val_fraction = check_float("digits_split", "val_fraction", val_fraction, minimum=0.0, maximum=1.0, strict=True)
+    seed = check_int("digits_split", "seed", seed)
     num_val = round(n * val_fraction)
     if not 2 <= num_val <= n - 2:
         raise ValueError(f"val_fraction={val_fraction!r} holds out {num_val} of {n} images; need 2..{n - 2}")
@@ -57,10 +60,8 @@ def digits_to_images(
     dequantised: ``2 (v + u) / 17 - 1``. ``resize_mode="pad"`` centres the 8x8 digit on a
     background of -1; ``"resize"`` scales it bilinearly to ``S x S``.
     """
-    if resize_mode not in RESIZE_MODES:
-        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
-    if not isinstance(image_size, int) or image_size < 8:
-        raise ValueError(f"image_size must be an integer >= 8, got {image_size!r}")
+    check_choice("digits_to_images", "resize_mode", resize_mode, RESIZE_MODES)
+    image_size = check_int("digits_to_images", "image_size", image_size, minimum=8)
     v = pixels.float()
     x = v / (DIGITS_LEVELS - 1) if noise is None else (v + noise) / DIGITS_LEVELS
     x = (2 * x - 1).unsqueeze(1)
@@ -120,16 +121,13 @@ class DigitsDataModule(L.LightningDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        if resize_mode not in RESIZE_MODES:
-            raise ValueError(f"DigitsDataModule: resize_mode must be one of {RESIZE_MODES}, got "
-                             f"{resize_mode!r}")
-        if not isinstance(image_size, int) or image_size < 8:
-            raise ValueError(f"DigitsDataModule: image_size must be an integer >= 8, got {image_size!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"DigitsDataModule: batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"DigitsDataModule: num_workers must be an integer >= 0, got {num_workers!r}")
-        digits_split(val_fraction=val_fraction, seed=split_seed)  # validates val_fraction
+        check_choice("DigitsDataModule", "resize_mode", resize_mode, RESIZE_MODES)
+        image_size = check_int("DigitsDataModule", "image_size", image_size, minimum=8)
+        batch_size = check_int("DigitsDataModule", "batch_size", batch_size, minimum=1)
+        num_workers = check_int("DigitsDataModule", "num_workers", num_workers, minimum=0)
+        dequantize = check_bool("DigitsDataModule", "dequantize", dequantize)
+        pin_memory = check_bool("DigitsDataModule", "pin_memory", pin_memory)
+        digits_split(val_fraction=val_fraction, seed=split_seed)  # validates val_fraction and split_seed
         self.save_hyperparameters()
         self.image_size, self.resize_mode, self.batch_size = image_size, resize_mode, batch_size
         self.val_fraction, self.split_seed, self.dequantize = val_fraction, split_seed, dequantize

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from ..density import histogram_2d, histogram_lookup
+from .._checks import check_choice, check_int, fail
+from ..density.grid import histogram_2d, histogram_lookup
 
 __all__ = ["TOY_DATASETS", "TOY_LOG_DENSITIES", "sample_toy", "toy_log_density", "Toy2DDataModule",
            "ToyBatchStream"]
@@ -90,14 +91,14 @@ TOY_DATASETS: dict[str, Callable[[int, torch.Generator], Tensor]] = {
 }
 
 
-def _check_name(name: str) -> None:
-    if name not in TOY_DATASETS:
-        raise ValueError(f"unknown toy dataset name={name!r}; choose one of {sorted(TOY_DATASETS)}")
+def _check_name(name: str, owner: str) -> None:
+    check_choice(owner, "name (the toy dataset)", name, sorted(TOY_DATASETS))
 
 
 def sample_toy(name: str, n: int, generator: torch.Generator | None = None, seed: int | None = None) -> Tensor:
     """``n`` samples ``(n, 2)`` (float32) of the toy distribution ``name``."""
-    _check_name(name)
+    _check_name(name, "sample_toy")
+    n = check_int("sample_toy", "n", n, minimum=1)
     if generator is None:
         generator = torch.Generator().manual_seed(0 if seed is None else seed)
     return TOY_DATASETS[name](n, generator).float()
@@ -120,7 +121,7 @@ class ToyBatchStream:
     """
 
     def __init__(self, name: str, batch_size: int, batches_per_epoch: int, seed: int) -> None:
-        _check_name(name)
+        _check_name(name, "ToyBatchStream")
         self.name, self.batch_size, self.batches_per_epoch, self.seed = name, batch_size, batches_per_epoch, seed
         self._position = 0  # batches already yielded in the current epoch
         self._count = 0  # batches already yielded in all epochs
@@ -172,11 +173,11 @@ class Toy2DDataModule(L.LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        _check_name(name)
-        for arg, value in (("batch_size", batch_size), ("batches_per_epoch", batches_per_epoch),
-                           ("num_val", num_val)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Toy2DDataModule: {arg} must be a positive integer, got {value!r}")
+        _check_name(name, "Toy2DDataModule")
+        batch_size = check_int("Toy2DDataModule", "batch_size", batch_size, minimum=1)
+        batches_per_epoch = check_int("Toy2DDataModule", "batches_per_epoch", batches_per_epoch, minimum=1)
+        num_val = check_int("Toy2DDataModule", "num_val", num_val, minimum=1)
+        seed = check_int("Toy2DDataModule", "seed", seed)
         self.save_hyperparameters()
         self.name, self.batch_size, self.seed = name, batch_size, seed
         self.batches_per_epoch, self.num_val = batches_per_epoch, num_val
@@ -251,9 +252,9 @@ def toy_log_density(name: str, x: Tensor, num_samples: int = 2_000_000, bins: in
     ``num_samples`` seeded samples over their bounding box (cached), accurate up to the bin
     width and ``-inf`` on empty cells.
     """
-    _check_name(name)
+    _check_name(name, "toy_log_density")
     if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != 2:
-        raise ValueError(f"x must be a tensor of points (N, 2), got {getattr(x, 'shape', type(x).__name__)}")
+        raise fail("toy_log_density", "x", "a tensor of points (N, 2)", getattr(x, "shape", type(x).__name__))
     if name in TOY_LOG_DENSITIES:
         return TOY_LOG_DENSITIES[name](x.detach().double().cpu()).to(x.device)
     table, bounds = _toy_histogram(name, num_samples, bins, seed)

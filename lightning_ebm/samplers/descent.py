@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
+from torch import Tensor
 
-from .base import Sampler, _check_positive, energy_grad
-from .compiled import run_descent
+from .._checks import check_float, check_int
+from .base import GradFn, Sampler, State, Steps, clip_grad
 
-__all__ = ["GradientDescent", "Langevin"]
+__all__ = ["GradientDescent", "Langevin", "descent_update", "gaussian_noise"]
+
+
+def descent_update(grad: GradFn, state: State, noise: tuple[Tensor, ...], k: Tensor, step_size: float,
+                   noise_std: float, grad_clip: float | None, clamp: tuple[float, float] | None
+                   ) -> tuple[State, dict[str, Tensor]]:
+    """One GradientDescent / Langevin step: ``x - s clip(grad E(x)) (+ noise_std * noise)``, clamped.
+
+    The one gradient-descent update of the library; every backend runs it (see ``Steps``).
+    """
+    (x,) = state
+    g = clip_grad(grad(x), grad_clip)
+    x = x - step_size * g
+    if noise:
+        x = x + noise_std * noise[0]
+    if clamp is not None:
+        x = x.clamp(*clamp)
+    return (x,), {"grad": g}
+
+
+def gaussian_noise(x: Tensor, generator: torch.Generator | None) -> tuple[Tensor]:
+    """One standard normal draw of ``x``'s shape, dtype and device, from ``generator``."""
+    return (torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype),)
 
 
 class GradientDescent(Sampler):
@@ -40,40 +61,14 @@ class GradientDescent(Sampler):
         compile: bool = False,
         cuda_graph: bool = False,
     ) -> None:
-        super().__init__(grad_clip=grad_clip, clamp=clamp, compile=compile)
-        _check_positive(type(self).__name__, "steps", steps, integer=True)
-        _check_positive(type(self).__name__, "step_size", step_size)
-        if not isinstance(cuda_graph, bool):
-            raise ValueError(f"{type(self).__name__}: cuda_graph must be True or False, got {cuda_graph!r}")
-        self.steps = steps
-        self.step_size = float(step_size)
-        self.cuda_graph = cuda_graph
+        super().__init__(grad_clip=grad_clip, clamp=clamp, compile=compile, cuda_graph=cuda_graph)
+        name = type(self).__name__
+        self.steps = check_int(name, "steps", steps, minimum=1)
+        self.step_size = check_float(name, "step_size", step_size, minimum=0, strict=True)
 
-    def _noise_std(self) -> float:
-        return 0.0
-
-    def _run(self, energy, x0, generator, return_trajectory, callback, differentiable_steps=0):
-        if differentiable_steps > self.steps:
-            raise ValueError(f"{type(self).__name__}: differentiable_steps must be <= steps={self.steps}, "
-                             f"got {differentiable_steps}")
-        if (self.compile or self.cuda_graph) and not differentiable_steps:
-            return run_descent(self, energy, x0, generator, return_trajectory, callback)
-        x = x0
-        states = [x] if return_trajectory else None
-        s, noise_std = self.step_size, self._noise_std()
-        first_unrolled = self.steps - differentiable_steps
-        for k in range(self.steps):
-            g = self._postprocess_grad(energy_grad(energy, x, create_graph=k >= first_unrolled))
-            x = x - s * g
-            if noise_std > 0:
-                x = x + noise_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = self._postprocess_x(x)
-            if states is not None:
-                states.append(x)
-            if callback is not None:
-                callback({"step": k + 1, "x": x, "grad": g})
-        self.last_nfe = self.steps
-        return x, (torch.stack(states) if states is not None else None)
+    def dynamics(self) -> Steps:
+        """``descent_update`` with this sampler's constants (no noise)."""
+        return Steps(descent_update, self.steps, (self.step_size, 0.0, self.grad_clip, self.clamp))
 
 
 class Langevin(GradientDescent):
@@ -109,9 +104,7 @@ class Langevin(GradientDescent):
     ) -> None:
         super().__init__(steps=steps, step_size=step_size, grad_clip=grad_clip, clamp=clamp, compile=compile,
                          cuda_graph=cuda_graph)
-        if not isinstance(noise_std, (int, float)) or not math.isfinite(noise_std) or noise_std < 0:
-            raise ValueError(f"Langevin: noise_std must be a finite number >= 0, got {noise_std!r}")
-        self.noise_std = float(noise_std)
+        self.noise_std = check_float(type(self).__name__, "noise_std", noise_std, minimum=0)
         self.deterministic = self.noise_std == 0.0
 
     @property
@@ -119,7 +112,7 @@ class Langevin(GradientDescent):
         """The temperature ``T`` of the stationary law ``exp(-E/T)`` in the small-step limit."""
         return self.noise_std**2 / (2 * self.step_size)
 
-    def _noise_std(self) -> float:
-        return self.noise_std
-
-
+    def dynamics(self) -> Steps:
+        """``descent_update`` with this sampler's constants, a standard normal drawn per step (if noisy)."""
+        constants = (self.step_size, self.noise_std, self.grad_clip, self.clamp)
+        return Steps(descent_update, self.steps, constants, draw=gaussian_noise if self.noise_std > 0 else None)

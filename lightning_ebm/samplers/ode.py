@@ -8,10 +8,11 @@ import torch
 from torch import Tensor, nn
 from torchdiffeq import odeint, odeint_adjoint
 
-from .base import Sampler, _check_positive, energy_grad
-from .compiled import CompiledFlow
+from .._checks import ArgumentError, check_bool, check_choice, check_float
+from ._backends import VectorField
+from .base import Flow, GradFn, Sampler, clip_grad
 
-__all__ = ["ODE", "FIXED_GRID_METHODS", "ADAPTIVE_METHODS"]
+__all__ = ["ODE", "FIXED_GRID_METHODS", "ADAPTIVE_METHODS", "gradient_flow"]
 
 #: torchdiffeq 0.2.5 solvers that step on a fixed grid (need a step size)
 FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_adams", "implicit_adams")
@@ -19,20 +20,9 @@ FIXED_GRID_METHODS = ("euler", "midpoint", "heun2", "heun3", "rk4", "explicit_ad
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 
-class GradientFlow(nn.Module):
-    """``f(t, x) = -grad E(x)``, counting evaluations."""
-
-    def __init__(self, energy: nn.Module, grad_clip: float | None = None, create_graph: bool = False) -> None:
-        super().__init__()
-        self.energy = energy
-        self.grad_clip = grad_clip
-        self.create_graph = create_graph
-        self.nfe = 0
-
-    def forward(self, t: Tensor, x: Tensor) -> Tensor:
-        self.nfe += 1
-        g = energy_grad(self.energy, x, create_graph=self.create_graph)
-        return -(g if self.grad_clip is None else g.clamp(-self.grad_clip, self.grad_clip))
+def gradient_flow(grad: GradFn, x: Tensor, grad_clip: float | None) -> Tensor:
+    """The gradient flow's vector field ``dx/dt = -clip(grad E(x))``; every backend evaluates it."""
+    return -clip_grad(grad(x), grad_clip)
 
 
 class ODE(Sampler):
@@ -71,20 +61,13 @@ class ODE(Sampler):
         compile: bool = False,
     ) -> None:
         super().__init__(grad_clip=grad_clip, compile=compile)
-        _check_positive("ODE", "t_end", t_end)
-        if method not in FIXED_GRID_METHODS + ADAPTIVE_METHODS:
-            raise ValueError(
-                f"ODE: method must be one of {FIXED_GRID_METHODS + ADAPTIVE_METHODS}, got {method!r}"
-            )
-        if step_size is not None:
-            _check_positive("ODE", "step_size", step_size)
-        _check_positive("ODE", "rtol", rtol)
-        _check_positive("ODE", "atol", atol)
-        self.t_end = float(t_end)
-        self.method = method
-        self.step_size = None if step_size is None else float(step_size)
-        self.rtol, self.atol = float(rtol), float(atol)
-        self.adjoint = bool(adjoint)
+        name = type(self).__name__
+        self.t_end = check_float(name, "t_end", t_end, minimum=0, strict=True)
+        self.method = check_choice(name, "method", method, FIXED_GRID_METHODS + ADAPTIVE_METHODS)
+        self.step_size = check_float(name, "step_size", step_size, minimum=0, strict=True, allow_none=True)
+        self.rtol = check_float(name, "rtol", rtol, minimum=0, strict=True)
+        self.atol = check_float(name, "atol", atol, minimum=0, strict=True)
+        self.adjoint = check_bool(name, "adjoint", adjoint)
 
     @property
     def fixed_grid(self) -> bool:
@@ -116,21 +99,27 @@ class ODE(Sampler):
             return {"method": self.method, "options": {"grid_constructor": grid}}
         return {"method": self.method, "rtol": self.rtol, "atol": self.atol}
 
+    def flow(self) -> Flow:
+        """``gradient_flow`` with this sampler's gradient clipping."""
+        return Flow(gradient_flow, (self.grad_clip,))
+
+    def vector_field(self, energy: nn.Module) -> VectorField:
+        """``f(t, x)`` for ``energy`` on this sampler's backend (eager or compiled), counting evaluations."""
+        return VectorField(self.flow(), energy, compile=self.compile, owner=type(self).__name__)
+
     def _run(self, energy, x0, generator, return_trajectory, callback, differentiable_steps=0):
         if differentiable_steps:
             if return_trajectory or callback is not None:
                 raise ValueError("ODE: return_trajectory and callback are not supported with "
                                  "differentiable_steps")
             return self._run_unrolled(energy, x0, differentiable_steps), None
-        flow = GradientFlow(energy, self.grad_clip)
-        if self.compile:
-            flow = CompiledFlow(self, energy, self.grad_clip)
+        field = self.vector_field(energy)
         t = self.time_grid(device=x0.device, dtype=x0.dtype)
         if not return_trajectory and callback is None:
             t = t[[0, -1]]
         with torch.no_grad():
-            states = odeint(flow, x0, t, **self.solver_options())
-        self.last_nfe = flow.nfe
+            states = odeint(field, x0, t, **self.solver_options())
+        self._record(field)
         if callback is not None:
             for k in range(1, len(t)):
                 callback({"step": k, "x": states[k], "t": float(t[k])})
@@ -144,18 +133,20 @@ class ODE(Sampler):
         t = self.time_grid(device=x0.device, dtype=x0.dtype)
         n = len(t) - 1
         if k > n:
-            raise ValueError(f"ODE: differentiable_steps must be <= the {n} step(s) of the time grid "
+            raise ArgumentError(f"ODE: differentiable_steps must be <= the {n} step(s) of the time grid "
                              f"(method={self.method!r}), got {k}")
         # step exactly on the given grid points (a fixed-grid method); adaptive methods ignore this
         opts = ({"method": self.method, "options": {"grid_constructor": lambda f, y0, tt: tt}}
                 if self.fixed_grid else self.solver_options())
-        flow = GradientFlow(energy, self.grad_clip)
+        name = type(self).__name__
+        field = VectorField(self.flow(), energy, owner=name)
         x = x0
         if n > k:
             with torch.no_grad():
-                x = odeint(flow, x0, t[: n - k + 1], **opts)[-1]
-        unrolled = GradientFlow(energy, self.grad_clip, create_graph=True)
+                x = odeint(field, x0, t[: n - k + 1], **opts)[-1]
+        unrolled = VectorField(self.flow(), energy, create_graph=True, owner=name)
         solve = odeint_adjoint if self.adjoint else odeint
         x = solve(unrolled, x, t[n - k :], **opts)[-1]
-        self.last_nfe = flow.nfe + unrolled.nfe
+        field.nfe += unrolled.nfe
+        self._record(field)
         return x

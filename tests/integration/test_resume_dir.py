@@ -87,7 +87,7 @@ def test_the_config_s_own_logger_version_is_respected(half_run, tmp_path):
     assert f"Restored all states from the checkpoint at {ckpt}" in log
     assert (cwd / RUN / "metrics.csv").read_bytes() == metrics_before  # the checkpoint's run: untouched
     steps = [int(r["step"]) for r in metric_rows(cwd / "runs" / "toy2d" / "mine" / "metrics.csv")]
-    assert sorted(set(steps)) == [step, step + 1]  # logging in 'mine' starts where the checkpoint stopped
+    assert steps and min(steps) == step  # logging in 'mine' starts where the checkpoint stopped
 
 
 def test_last_without_any_checkpoint_starts_a_new_run(tmp_path):

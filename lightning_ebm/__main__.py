@@ -1,0 +1,5 @@
+"""``python -m lightning_ebm``: the ``lightning-ebm`` console script."""
+
+from .console import main
+
+main()

@@ -1,0 +1,123 @@
+"""The console script: a fast top-level help, and mistakes reported in a few lines naming key and file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lightning_ebm.cli  # noqa: F401  (Lightning's log handler binds stderr now, not a test's capture)
+from lightning_ebm import console
+from lightning_ebm.console import SUBCOMMANDS, simplify_parser_message
+
+ROOT = Path(__file__).resolve().parents[2]
+TOY = str(ROOT / "configs" / "toy2d.yaml")
+
+
+def test_top_level_help_lists_every_subcommand_without_importing_torch_or_lightning():
+    code = ("import sys; from lightning_ebm.console import main; main(['--help']); "
+            "heavy = [m for m in ('torch', 'lightning', 'jsonargparse') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for name in ("fit", "validate", "test", "predict", "sample"):
+        assert f"\n  {name} " in result.stdout
+    assert set(SUBCOMMANDS) >= {"fit", "validate", "test", "predict", "sample"}
+
+
+def test_import_lightning_ebm_is_lazy_and_its_names_still_resolve():
+    code = ("import sys, lightning_ebm; assert 'torch' not in sys.modules; "
+            "from lightning_ebm import EBM, samplers; assert samplers.GradientDescent and EBM.__name__ == 'EBM'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_version_and_no_arguments(capsys):
+    console.main(["--version"])
+    assert capsys.readouterr().out.startswith("lightning-ebm ")
+    with pytest.raises(SystemExit) as info:
+        console.main([])
+    assert info.value.code == 2 and "subcommands:" in capsys.readouterr().out
+
+
+def run_console(capsys, *argv: str) -> str:
+    """Run the console script in-process; return its stderr (it must exit with status 2)."""
+    with pytest.raises(SystemExit) as info:
+        console.main(list(argv))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert 2 <= len(err.strip().splitlines()) <= 4, err  # the message, where it was set, the tip
+    assert "Traceback" not in err and "Union subtypes" not in err and "Given value" not in err
+    return err
+
+
+def test_a_bad_value_names_the_key_and_the_command_line(capsys):
+    err = run_console(capsys, "fit", "--config", TOY, "--model.init_args.sampler.init_args.step_size=-0.1")
+    assert "model.init_args.sampler: GradientDescent: step_size must be a positive finite number, got -0.1" in err
+    assert "(set on the command line)" in err
+
+
+def test_a_misspelled_dataset_names_the_choices_and_the_config_file(capsys):
+    err = run_console(capsys, "fit", "--config", TOY, "--data.init_args.name=8gausians")
+    assert ("data: Toy2DDataModule: name (the toy dataset) must be one of '2spirals', '8gaussians'" in err
+            and "got '8gausians' (did you mean '8gaussians'?)" in err)
+
+
+def test_a_class_path_typo_suggests_the_right_name_and_names_the_file(capsys, tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text(Path(TOY).read_text().replace("samplers.GradientDescent", "samplers.GradientDescnt"))
+    err = run_console(capsys, "fit", "--config", str(config))
+    assert "model.init_args.sampler: module 'lightning_ebm.samplers' has no attribute 'GradientDescnt'" in err
+    assert "(did you mean 'GradientDescent'?)" in err and f"(in {config})" in err
+
+
+def test_a_yaml_syntax_error_names_the_file_line_and_column(capsys, tmp_path):
+    config = tmp_path / "broken.yaml"
+    config.write_text("model:\n  class_path: lightning_ebm.EBM\n   init_args: [\n")
+    err = run_console(capsys, "fit", "--config", str(config))
+    assert f"--config {config}, line 3, column 13: YAML syntax error" in err
+
+
+def test_a_missing_config_or_checkpoint_is_named(capsys, tmp_path):
+    err = run_console(capsys, "fit", "--config", str(tmp_path / "nope.yaml"))
+    assert f"--config {tmp_path / 'nope.yaml'}: no such file" in err
+    err = run_console(capsys, "fit", "--config", TOY, "--ckpt_path", str(tmp_path / "missing.ckpt"))
+    assert f"--ckpt_path {tmp_path / 'missing.ckpt'}: no such file" in err
+
+
+def test_an_unknown_option_or_subcommand_gets_a_suggestion(capsys):
+    err = run_console(capsys, "fit", "--config", TOY, "--trainer.max_stepz=3")
+    assert "unrecognized arguments: --trainer.max_stepz=3 (did you mean '--trainer.max_steps'?)" in err
+    err = run_console(capsys, "fitt")
+    assert "unknown subcommand 'fitt' (did you mean 'fit'?)" in err
+
+
+def test_debug_shows_the_real_exception(tmp_path):
+    with pytest.raises(ValueError, match="step_size must be a positive finite number"):
+        console.main(["fit", "--config", TOY, "--model.init_args.sampler.init_args.step_size=-0.1", "--debug"])
+
+
+def test_simplify_parser_message_keeps_the_innermost_error_and_joins_the_keys():
+    message = """Parser key "model":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'lightning_ebm.module.EBM'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'lightning_ebm.EBM':
+        Parser key "sampler":
+          Problem with given class_path 'lightning_ebm.samplers.GradientDescnt':
+            module 'lightning_ebm.samplers' has no attribute 'GradientDescnt'
+    - Expected a <class 'NoneType'>
+  Given value type: <class 'dict'>
+  Given value: {'class_path': 'lightning_ebm.EBM'}"""
+    assert simplify_parser_message(message) == (
+        "model.init_args.sampler: module 'lightning_ebm.samplers' has no attribute 'GradientDescnt'")
+
+
+def test_model_help_lists_the_library_first_and_counts_torch(capsys):
+    with pytest.raises(SystemExit):
+        console.main(["fit", "--model.help", "lightning_ebm.EBM"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "lightning_ebm.energies.MLPEnergy" in out and "from torch and other libraries" in out
+    assert "torch.nn.Linear" not in out and "torch.ao.nn" not in out

@@ -1,0 +1,94 @@
+"""Every sampler exported by ``lightning_ebm.samplers`` (found from ``__all__``) passes the contract,
+eagerly and with ``compile=True``; an exported sampler without a case here fails the first test.
+
+Closed forms on ``E = 0.5 x^T A x``: gradient descent contracts as ``(I - sA)^K``; Langevin with
+``noise_std = sqrt(2 s)`` reaches the Boltzmann covariance ``A^-1`` (up to its O(s) bias); the ODE
+is ``expm(-A t)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import QuadraticEnergy, random_spd
+from contracts.sampler_contract import Case, SamplerContract, check_matrix_power, exported_samplers, gen, start
+
+from lightning_ebm.samplers import ODE, GradientDescent, Langevin
+
+
+def _descent_closed_form(compile: bool) -> None:
+    s, k = 0.1, 20
+    check_matrix_power(GradientDescent(steps=k, step_size=s, compile=compile),
+                       lambda a: torch.eye(a.shape[0], dtype=a.dtype) - s * a, k)
+
+
+def _langevin_closed_form(compile: bool) -> None:
+    a = torch.tensor([[2.0, 0.6], [0.6, 1.0]], dtype=torch.float64)
+    s = 0.01
+    sampler = Langevin(steps=1500, step_size=s, noise_std=math.sqrt(2 * s), compile=compile)
+    x = sampler(QuadraticEnergy(a), torch.zeros(20000, 2, dtype=torch.float64), generator=gen(0))
+    cov, target = torch.cov(x.T), torch.linalg.inv(a)
+    assert torch.allclose(cov, target, rtol=0.04, atol=0.02), (cov, target)
+    assert sampler.temperature == pytest.approx(1.0)
+
+
+def _ode_closed_form(compile: bool) -> None:
+    a = random_spd(3, seed=3)
+    z = start(shape=(40, 3), dtype=torch.float64)
+    sampler = ODE(t_end=1.5, method="rk4", step_size=0.05, compile=compile)
+    x = sampler(QuadraticEnergy(a), z)
+    assert (x - z @ torch.linalg.matrix_exp(-a * 1.5).T).abs().max() < 1e-5
+    assert sampler.last_nfe == 4 * 30  # rk4: four evaluations per step, 30 steps
+
+
+def _ode_dopri5_closed_form(compile: bool) -> None:
+    a = random_spd(3, seed=1)
+    z = start(shape=(20, 3), dtype=torch.float64)
+    sampler = ODE(t_end=2.0, method="dopri5", rtol=1e-8, atol=1e-8, compile=compile)
+    x = sampler(QuadraticEnergy(a), z)
+    assert (x - z @ torch.linalg.matrix_exp(-2.0 * a).T).abs().max() < 1e-6
+    assert sampler.last_nfe > 6
+
+
+#: exported class name -> its configurations (each also runs compiled)
+CASES: dict[str, dict[str, Case]] = {
+    "GradientDescent": {
+        "gd": Case(lambda n, c: GradientDescent(steps=5 * n, step_size=0.05, compile=c), _descent_closed_form),
+        "gd_clip_clamp": Case(lambda n, c: GradientDescent(steps=5 * n, step_size=0.05, grad_clip=0.5,
+                                                           clamp=(-3, 3), compile=c), _descent_closed_form),
+    },
+    "Langevin": {
+        "langevin": Case(lambda n, c: Langevin(steps=5 * n, step_size=0.05, noise_std=0.1, grad_clip=0.5,
+                                               clamp=(-2.0, 2.0), compile=c), _langevin_closed_form, noisy=True),
+    },
+    "ODE": {
+        "ode_rk4": Case(lambda n, c: ODE(t_end=0.25 * n, method="rk4", step_size=0.05, compile=c),
+                        _ode_closed_form),
+        "ode_dopri5": Case(lambda n, c: ODE(t_end=0.25 * n, method="dopri5", rtol=1e-4, atol=1e-4, compile=c),
+                           _ode_dopri5_closed_form),
+    },
+}
+
+PARAMS = [pytest.param((cls, name, compile), id=f"{name}-{'compiled' if compile else 'eager'}")
+          for cls, cases in sorted(CASES.items()) for name in sorted(cases) for compile in (False, True)]
+
+
+def test_every_exported_sampler_has_a_case():
+    exported = exported_samplers()
+    assert exported, "no sampler found in lightning_ebm.samplers.__all__"
+    missing = sorted(set(exported) - set(CASES))
+    assert not missing, f"exported samplers without a contract case in {__file__}: {missing}"
+    assert not set(CASES) - set(exported), "a case for a sampler that is no longer exported"
+
+
+@pytest.fixture(params=PARAMS)
+def case(request) -> Case:
+    cls, name, compile = request.param
+    base = CASES[cls][name]
+    return Case(base.make, base.closed_form, noisy=base.noisy, compile=compile)
+
+
+class TestExportedSamplers(SamplerContract):
+    pass

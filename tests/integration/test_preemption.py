@@ -322,3 +322,23 @@ def test_under_slurm_lightning_still_requeues_and_the_step_boundary_checkpoint_i
     emergency = tmp_path / "ckpt" / "last-preempted.ckpt"
     assert torch.load(emergency, weights_only=False)["global_step"] == 5
     assert emergency.stat().st_mtime_ns >= hpc.stat().st_mtime_ns  # written after it: `--ckpt_path last` takes it
+
+
+class DoubleCtrlC(L.Callback):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # two separate deliveries (identical pending signals would merge into one)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.usefixtures(single_thread.__name__)
+def test_a_second_ctrl_c_before_the_write_stops_at_once_without_it(tmp_path, capfd):
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        drop_in_fit(tmp_path, 8, DoubleCtrlC())
+    assert stopped.value.code == 1  # Lightning's own shutdown on KeyboardInterrupt
+    assert "second Ctrl-C: stopping now, without an emergency checkpoint" in capfd.readouterr().err
+    assert not (tmp_path / "last-preempted.ckpt").exists()
+    assert torch.load(tmp_path / "last.ckpt", weights_only=False)["global_step"] == 3  # untouched
+    assert signal.getsignal(signal.SIGINT) == before

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["ResumePlan", "config_differences", "continue_csv_metrics", "plan_resume"]
+__all__ = ["ResumePlan", "config_differences", "continue_csv_metrics", "plan_resume", "warn_if_config_differs"]
 
 _RUN_LOGGERS = ("CSVLogger", "TensorBoardLogger")
 _CKPT_DIR_CALLBACKS = ("ModelCheckpoint", "PreemptionCheckpoint", "DivergenceGuard", "OnExceptionCheckpoint")

@@ -26,6 +26,7 @@ from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from . import _quiet_known_noise, _resume
 from ._config import ComponentConfigError
@@ -281,6 +282,8 @@ class EBMCLI(LightningCLI):
         if plan is None:
             return
         _resume.warn_if_config_differs(plan, self.model, self.datamodule)
+        where = f" in {plan.run_dir}" if plan.run_dir is not None else ""
+        rank_zero_info(f"{PROG} fit: resuming {plan.ckpt_path} (global step {plan.global_step}){where}")
         if plan.run_dir is not None:
             for logger in self.trainer.loggers:
                 if Path(logger.log_dir or "").resolve() == plan.run_dir.resolve():

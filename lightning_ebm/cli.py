@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -25,10 +26,11 @@ from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 
-from . import _quiet_known_noise
+from . import _quiet_known_noise, _resume
 from ._config import ComponentConfigError
-from .callbacks import AtomicCheckpointIO
+from .callbacks import AtomicCheckpointIO, PreemptionCheckpoint
 from .console import DEBUG_ENV, PROG, ConfigError, closest, simplify_parser_message
 from .module import EBM
 
@@ -180,9 +182,14 @@ class EBMCLI(LightningCLI):
     ``Trainer(inference_mode=False)`` is the default: the samplers need input gradients during
     validate/test/predict, which ``torch.inference_mode`` would forbid. Checkpoints are written
     with ``AtomicCheckpointIO`` (crash-safe) unless the config names another checkpoint plugin.
+    ``fit`` adds a ``PreemptionCheckpoint`` unless the config has one (SIGTERM, Ctrl-C, SIGUSR1:
+    a checkpoint of the step reached, then exit), and ``fit --ckpt_path last`` (or a checkpoint
+    file of a run) continues that run's directory; see ``lightning_ebm._resume``.
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs) -> None:
+        self._argv = list(sys.argv[1:] if args is None else args) if isinstance(args, (list, type(None))) else None
+        self._resume_plan: _resume.ResumePlan | None = None
         trainer_defaults = {"inference_mode": False, **kwargs.pop("trainer_defaults", {})}
         kwargs.setdefault("save_config_callback", SaveConfigToLoggers)
         kwargs.setdefault("parser_class", EBMArgumentParser)
@@ -253,9 +260,49 @@ class EBMCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):  # crash-safe unless the user chose a writer
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit":
+            preemption = [c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint)]
+            if not preemption:
+                preemption = [PreemptionCheckpoint()]
+                trainer.callbacks.append(preemption[0])
+            for callback in preemption:
+                callback.resume_command = callback.resume_command or _resume_command(self._argv)
         self._last_validation = _LastValidation()
         trainer.callbacks.append(self._last_validation)
         return trainer
+
+    def before_instantiate_classes(self) -> None:
+        """``fit --ckpt_path``: resolve ``last``, and log into the run directory the checkpoint is from."""
+        if self.subcommand == "fit":
+            self._resume_plan = _resume.plan_resume(self.config["fit"])
+
+    def before_fit(self) -> None:
+        """On resume: warn about changed model/data settings; keep the run's metrics.csv rows."""
+        plan = self._resume_plan
+        if plan is None:
+            return
+        _resume.warn_if_config_differs(plan, self.model, self.datamodule)
+        where = f" in {plan.run_dir}" if plan.run_dir is not None else ""
+        rank_zero_info(f"{PROG} fit: resuming {plan.ckpt_path} (global step {plan.global_step}){where}")
+        if plan.run_dir is not None:
+            for logger in self.trainer.loggers:
+                if Path(logger.log_dir or "").resolve() == plan.run_dir.resolve():
+                    _resume.continue_csv_metrics(logger, plan.global_step)
+
+
+def _resume_command(argv: list[str] | None) -> str | None:
+    """The ``lightning-ebm`` command line of this run with ``--ckpt_path {ckpt_path}`` in place."""
+    if not argv or any(not isinstance(a, str) for a in argv):
+        return None
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--ckpt_path":
+            skip = True
+        elif not arg.startswith("--ckpt_path="):
+            kept.append(arg)
+    return f"{PROG} {shlex.join(kept)} --ckpt_path {{ckpt_path}}"
 
 
 class _LastValidation(L.Callback):

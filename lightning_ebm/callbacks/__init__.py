@@ -9,6 +9,7 @@ from .guard import DivergenceError, DivergenceGuard
 from .images import SampleGrid
 from .logging import log_image, run_dir
 from .plots import Plot2D
+from .preemption import PreemptionCheckpoint
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -19,6 +20,7 @@ __all__ = [
     "FIDCallback",
     "LongRunDiagnostic",
     "Plot2D",
+    "PreemptionCheckpoint",
     "SampleGrid",
     "log_image",
     "run_dir",

@@ -50,3 +50,17 @@ def _teardown_process_group():
     yield
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """One uninterrupted run of the shrunk toy recipe (``cli_run_helpers``): what interrupted runs must equal."""
+    from cli_run_helpers import MAX_STEPS, run, small_config
+
+    cwd = tmp_path_factory.mktemp("reference")
+    rc, log = run(cwd, "fit", "--config", str(small_config(cwd)))
+    assert rc == 0, log[-3000:]
+    run_dir = cwd / "runs" / "toy2d" / "version_0"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file(), log[-3000:]
+    assert f"max_steps={MAX_STEPS}" in log
+    return run_dir

@@ -195,5 +195,7 @@ def test_cli_ddp_saves_both_ranks_and_restores_each_on_resume(tmp_path):
         seen = json.loads((tmp_path / "restored" / f"rank{rank}.json").read_text())
         assert seen == {"world_size": 2, "buffer_is_mine": True, "rng_is_mine": True,
                         "buffer_is_another_ranks": False}, (rank, seen)
-    resumed = torch.load(tmp_path / "toy2d" / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)
+    # the resumed run continues its own run directory (no version_1)
+    assert not (tmp_path / "toy2d" / "version_1").exists()
+    resumed = torch.load(last, weights_only=True)
     assert resumed["global_step"] == 6

@@ -1,7 +1,8 @@
 """Generator dynamics. One interface: ``sampler(energy, x0) -> x_K``.
 
-``GradientDescent`` (deterministic, the default everywhere), ``Langevin`` (the same plus noise)
-and ``ODE`` (the gradient flow through torchdiffeq). A new sampler subclasses ``Sampler``,
+``GradientDescent`` (deterministic, the default everywhere), ``Langevin`` (the same plus noise),
+``ODE`` (the gradient flow through torchdiffeq) and ``DiffusionRecovery`` (generation by
+diffusion recovery, level by level, for noise-conditioned energies). A new sampler subclasses ``Sampler``,
 returns its update from ``dynamics()`` as ``Steps`` (or its vector field as a ``Flow``), and
 is exported here; the eager, compiled and CUDA-graph backends run it unchanged.
 """
@@ -9,6 +10,8 @@ is exported here; the eager, compiled and CUDA-graph backends run it unchanged.
 from .base import Flow, GradFn, Sampler, State, Steps, clip_grad, energy_and_grad, energy_grad
 from .descent import GradientDescent, Langevin
 from .ode import ODE
+from .recovery import DiffusionRecovery, NoiseSchedule
 
-__all__ = ["Sampler", "GradientDescent", "Langevin", "ODE", "energy_grad", "energy_and_grad", "clip_grad", "Steps",
+__all__ = ["Sampler", "GradientDescent", "Langevin", "ODE", "DiffusionRecovery", "NoiseSchedule", "energy_grad",
+           "energy_and_grad", "clip_grad", "Steps",
            "Flow", "State", "GradFn"]

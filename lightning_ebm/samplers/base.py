@@ -135,6 +135,9 @@ class Sampler:
         """The state the update starts from (default: the position alone)."""
         return (x0,)
 
+    def check_energy(self, energy: nn.Module) -> None:
+        """Raise early if this sampler cannot run ``energy`` (``EBM.setup`` calls it); any energy by default."""
+
     def info(self, state: State) -> dict[str, float]:
         """What the final state says about the call (e.g. an acceptance rate), for ``last_info``."""
         return {}

@@ -37,13 +37,15 @@ def energy_levels(energy: nn.Module) -> int | None:
 
 
 def _level_embedding(owner: str, num_levels: int | None, width: int) -> nn.Embedding | None:
-    """The learned per-level offset of the first hidden layer (zeros at start: every level begins alike)."""
+    """The learned per-level offset of the first hidden layer.
+
+    Zeros at start (every level begins as the unconditional network) and drawn from no random
+    stream, so a conditioned energy's other parameters equal the unconditional one's for a seed.
+    """
     num_levels = check_int(owner, "num_levels", num_levels, minimum=0, allow_none=True)
     if not num_levels:
         return None
-    emb = nn.Embedding(num_levels, width)
-    nn.init.zeros_(emb.weight)
-    return emb
+    return nn.Embedding(num_levels, width, _weight=torch.zeros(num_levels, width))
 
 
 def _levels_of(owner: str, emb: nn.Embedding | None, t: Tensor | int | None, x: Tensor) -> Tensor | None:

@@ -154,7 +154,7 @@ class DiffusionRecovery(Sampler):
 
     deterministic = False
 
-    def __init__(self, steps: int = 30, b: float = 0.5, sigmas: Sequence[float] | None = None, num_levels: int = 6,
+    def __init__(self, steps: int = 20, b: float = 0.35, sigmas: Sequence[float] | None = None, num_levels: int = 6,
                  sigma_min: float = 0.05, sigma_max: float = 0.9, grad_clip: float | None = None,
                  clamp: tuple[float, float] | None = None, compile: bool = False) -> None:
         super().__init__(grad_clip=grad_clip, clamp=clamp, compile=compile)

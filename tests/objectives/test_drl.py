@@ -11,15 +11,20 @@ Tolerances: 5 standard errors of the ``N`` samples.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+import yaml
+from integration.test_configs import shrink
 from torch import nn
 
 from lightning_ebm import EBM
+from lightning_ebm.cli import main
 from lightning_ebm.data import Toy2DDataModule, sample_toy
 from lightning_ebm.energies import ConvEnergy, MLPEnergy, ResNetEnergy
 from lightning_ebm.latents import Gaussian
@@ -29,6 +34,7 @@ from lightning_ebm.samplers import DiffusionRecovery, Langevin, NoiseSchedule
 from lightning_ebm.samplers.recovery import recovery_update
 
 N = 40_000
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 class LevelGaussian(nn.Module):
@@ -209,3 +215,35 @@ def test_drl_on_a_2d_toy_reaches_three_times_the_data_floor():
     mmd = float(mmd_rbf(x, data))
     print(f"DRL 8gaussians: mmd {mmd:.4f}, floor {floor:.4f}, ratio {mmd / floor:.2f}, training {wall:.1f} s")
     assert mmd < 3 * floor, (mmd, floor, wall)
+
+
+def test_toy_config_trains_checkpoints_and_generates(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-ebm"])
+    main(["fit", "--config", str(CONFIGS / "toy2d_drl.yaml"), "--trainer.max_steps=4",
+          "--trainer.val_check_interval=2", "--trainer.enable_progress_bar=false", "--trainer.log_every_n_steps=1",
+          f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.batches_per_epoch=4",
+          "--data.init_args.num_val=64", "--model.init_args.objective.init_args.steps=2",
+          "--model.init_args.sampler.init_args.steps=2"])
+    run = tmp_path / "toy2d_drl" / "version_0"
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert {"val/mmd", "val/mmd_floor", "train/recovery_mse", "train/energy_gap"} <= set(header.split(","))
+    model = EBM.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert isinstance(model.sampler, DiffusionRecovery) and model.sampler.schedule == model.objective.schedule
+    x = model.generate(7)
+    assert x.shape == (7, 2) and torch.isfinite(x).all() and model.sampler.last_nfe == 6 * 2
+
+
+def test_digits_config_starts_and_trains(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-ebm"])
+    config = shrink(yaml.safe_load((CONFIGS / "digits_drl.yaml").read_text()), tmp_path)
+    config["model"]["init_args"]["objective"]["init_args"]["steps"] = 2
+    path = tmp_path / "digits_drl.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    (run,) = (tmp_path / "runs" / "digits_drl").glob("version_*")
+    header, *rows = (run / "metrics.csv").read_text().splitlines()
+    columns = header.split(",")
+    assert {"train/loss", "val/fid", "val/mmd"} <= set(columns)
+    column = columns.index("train/loss")
+    losses = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+    assert losses and all(math.isfinite(v) for v in losses)

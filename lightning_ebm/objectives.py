@@ -404,7 +404,11 @@ class DiffusionRecoveryLikelihood(Objective):
     Args:
         steps: Langevin steps of the recovery chain ``K``.
         b: step-size factor (see ``DiffusionRecovery``).
-        sigmas, num_levels, sigma_min, sigma_max: the noise schedule (``samplers.NoiseSchedule``).
+        sigmas: the noise steps ``s_1 .. s_T``, each in (0, 1) (``NoiseSchedule``); ``None``: the
+            next three give them, geometrically spaced.
+        num_levels: ``T``, the number of noise steps (and of the energy's levels).
+        sigma_min: the first step (level 0 -> 1).
+        sigma_max: the top step (level T-1 -> T).
         alpha: weight of the energy-magnitude regulariser (0: none); without it a 2-D toy's energy
             drifts and its chains diverge after a few hundred steps (measured, docs/guide/objectives.md).
         grad_clip: clamp every coordinate of ``grad E`` in the chain.

@@ -33,6 +33,7 @@ class NoiseSchedule:
 
     Given as a list ``sigmas`` (``sigmas[t]`` takes level ``t`` to ``t + 1``), or as ``num_levels``
     steps geometrically spaced from ``sigma_min`` (level 0 -> 1) up to ``sigma_max`` (the top step).
+    ``owner`` names the class whose arguments these are, in error messages.
 
     Attributes:
         sigmas: the steps ``s_{t+1}``, ``t = 0 .. T-1``.
@@ -146,7 +147,11 @@ class DiffusionRecovery(Sampler):
     Args:
         steps: Langevin steps per level ``K``.
         b: step-size factor: step ``b^2 r^2 / 2``, noise ``b r``, ``r`` the level's recovery scale.
-        sigmas, num_levels, sigma_min, sigma_max: the noise schedule (``NoiseSchedule``).
+        sigmas: the noise steps ``s_1 .. s_T``, each in (0, 1) (``NoiseSchedule``); ``None``: the
+            next three give them, geometrically spaced.
+        num_levels: ``T``, the number of noise steps (and of the energy's levels).
+        sigma_min: the first step (level 0 -> 1).
+        sigma_max: the top step (level T-1 -> T).
         grad_clip: clamp every coordinate of ``grad E`` to ``[-grad_clip, grad_clip]``.
         clamp: clamp the state to ``(low, high)`` after every step.
         compile: run each step through ``torch.compile`` (one compilation serves every level).

@@ -168,6 +168,11 @@ class DiffusionRecovery(Sampler):
         self.b = check_float(name, "b", b, minimum=0, strict=True)
         self.schedule = NoiseSchedule(name, sigmas, num_levels, sigma_min, sigma_max)
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.pop("_view", None)  # the cached view of the energy at fixed levels is not part of the sampler
+        return state
+
     def check_energy(self, energy: nn.Module) -> None:
         """Raise unless the energy is noise-conditioned with this schedule's number of levels."""
         check_conditioned(type(self).__name__, energy, self.schedule)
@@ -186,7 +191,11 @@ class DiffusionRecovery(Sampler):
         anchor, r = self.schedule.anchor_and_scale(x_next.detach(), t)
         h, n = 0.5 * (self.b * r) ** 2, self.b * r
         state = (anchor, anchor, h.expand_as(anchor).contiguous(), n.expand_as(anchor).contiguous())
-        return _backends.run_steps(self.dynamics(), _AtLevel(energy, t), state, generator=generator,
+        view = self.__dict__.get("_view")
+        if view is None or view.energy is not energy:  # one view per energy: compiled steps are reused
+            view = self.__dict__["_view"] = _AtLevel(energy, t)
+        view.t = t
+        return _backends.run_steps(self.dynamics(), view, state, generator=generator,
                                    return_trajectory=return_trajectory, callback=callback, compile=self.compile,
                                    owner=type(self).__name__)
 

@@ -3,6 +3,17 @@
 Any ``nn.Module`` with that contract works everywhere in the library; the classes here are the
 usual choices. Energies must be smooth in their input (the samplers follow their gradient, the
 density code their Hessian), hence SiLU rather than ReLU.
+
+Noise-conditioned energies (diffusion recovery likelihood, ``objectives.DiffusionRecoveryLikelihood``
+and ``samplers.DiffusionRecovery``) follow a small protocol that user energies can implement too:
+
+* an attribute ``num_levels`` (int ``T``; ``None`` or ``0`` for an unconditional energy), and
+* ``forward(x, t=None)``, ``t`` a LongTensor ``(B,)`` of level indices in ``[0, T)`` (or an int for
+  the whole batch); ``t=None`` means level 0, the data level, so the rest of the library (the
+  density code, validation) sees the data-level energy ``E(x, 0)`` through the plain ``energy(x)``.
+
+The library's energies take ``num_levels=T`` and add a learned embedding of the level to their first
+hidden layer; with ``num_levels=None`` (the default) they are today's networks, parameter for parameter.
 """
 
 from __future__ import annotations
@@ -13,7 +24,45 @@ from torch import Tensor, nn
 from ._checks import check_bool, check_choice, check_float, check_int, fail
 from ._config import RecordInit
 
-__all__ = ["MLPEnergy", "check_energy_output"]
+__all__ = ["MLPEnergy", "check_energy_output", "energy_levels"]
+
+
+def energy_levels(energy: nn.Module) -> int | None:
+    """The number of noise levels a noise-conditioned energy takes (its ``num_levels``), ``None`` if unconditional."""
+    levels = getattr(energy, "num_levels", None)
+    if levels is None or levels == 0:
+        return None
+    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 0:
+        raise ValueError(f"{type(energy).__name__}.num_levels must be a non-negative integer or None, got {levels!r}")
+    return levels
+
+
+def _level_embedding(owner: str, num_levels: int | None, width: int) -> nn.Embedding | None:
+    """The learned per-level offset of the first hidden layer.
+
+    Zeros at start (every level begins as the unconditional network) and drawn from no random
+    stream, so a conditioned energy's other parameters equal the unconditional one's for a seed.
+    """
+    num_levels = check_int(owner, "num_levels", num_levels, minimum=0, allow_none=True)
+    if not num_levels:
+        return None
+    return nn.Embedding(num_levels, width, _weight=torch.zeros(num_levels, width))
+
+
+def _levels_of(owner: str, emb: nn.Embedding | None, t: Tensor | int | None, x: Tensor) -> Tensor | None:
+    """``t`` as a LongTensor ``(B,)`` on ``x``'s device (``None`` -> level 0); refuses ``t`` without levels."""
+    if emb is None:
+        if t is not None:
+            raise ValueError(f"{owner} was built without noise levels (num_levels=None) but got t; "
+                             f"set num_levels to condition it on the noise level")
+        return None
+    if t is None:
+        return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    t = torch.as_tensor(t, device=x.device)
+    if t.dtype not in (torch.int64, torch.int32) or t.ndim > 1 or (t.ndim == 1 and t.shape[0] != x.shape[0]):
+        raise ValueError(f"{owner}: t must be an int or an integer tensor of shape ({x.shape[0]},), "
+                         f"got {t.dtype} of shape {tuple(t.shape)}")
+    return t.long().expand(x.shape[0])
 
 
 def check_energy_output(energy: Tensor, x: Tensor) -> None:
@@ -35,9 +84,12 @@ class MLPEnergy(RecordInit, nn.Module):
         num_layers: number of hidden layers.
         spectral_norm: wrap every linear layer in spectral normalisation (bounds the Lipschitz
             constant, which keeps the sampler's gradient field tame).
+        num_levels: ``T`` noise levels to condition on (``forward(x, t)``, a learned embedding of
+            the level added to the first hidden layer); ``None``/``0``: unconditional.
     """
 
-    def __init__(self, dim: int, hidden: int = 128, num_layers: int = 3, spectral_norm: bool = False) -> None:
+    def __init__(self, dim: int, hidden: int = 128, num_layers: int = 3, spectral_norm: bool = False,
+                 num_levels: int | None = None) -> None:
         super().__init__()
         dim = check_int("MLPEnergy", "dim", dim, minimum=1)
         hidden = check_int("MLPEnergy", "hidden", hidden, minimum=1)
@@ -50,12 +102,18 @@ class MLPEnergy(RecordInit, nn.Module):
             layers += [_maybe_sn(nn.Linear(w_in, w_out), spectral_norm), nn.SiLU()]
         layers.append(_maybe_sn(nn.Linear(widths[-1], 1), spectral_norm))
         self.net = nn.Sequential(*layers)
+        self.level_embedding = _level_embedding("MLPEnergy", num_levels, hidden)
+        self.num_levels = num_levels or None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | int | None = None) -> Tensor:
         x = x.flatten(1)
         if x.shape[1] != self.dim:
             raise ValueError(f"MLPEnergy(dim={self.dim}) got inputs with {x.shape[1]} features per sample")
-        return self.net(x).squeeze(-1)
+        levels = _levels_of("MLPEnergy", self.level_embedding, t, x)
+        if levels is None:
+            return self.net(x).squeeze(-1)
+        h = self.net[0](x) + self.level_embedding(levels)
+        return self.net[1:](h).squeeze(-1)
 
 
 def _maybe_sn(layer: nn.Module, enabled: bool) -> nn.Module:
@@ -108,6 +166,8 @@ class ConvEnergy(RecordInit, nn.Module):
             zero input Hessian almost everywhere, so pick ``"silu"`` when the generator's
             density (``lightning_ebm.density``) matters.
         negative_slope: the LeakyReLU slope.
+        num_levels: ``T`` noise levels to condition on (``forward(x, t)``, a learned per-level
+            offset of the first convolution's channels); ``None``/``0``: unconditional.
     """
 
     def __init__(
@@ -118,6 +178,7 @@ class ConvEnergy(RecordInit, nn.Module):
         spectral_norm: bool = False,
         activation: str = "leaky_relu",
         negative_slope: float = 0.2,
+        num_levels: int | None = None,
     ) -> None:
         super().__init__()
         in_channels = check_int("ConvEnergy", "in_channels", in_channels, minimum=1)
@@ -134,10 +195,16 @@ class ConvEnergy(RecordInit, nn.Module):
             h, w, channels, i = h // 2, w // 2, out, i + 1
         layers.append(_maybe_sn(nn.Conv2d(channels, 1, (h, w), 1, 0), spectral_norm))
         self.net = nn.Sequential(*layers)
+        self.level_embedding = _level_embedding("ConvEnergy", num_levels, width)
+        self.num_levels = num_levels or None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | int | None = None) -> Tensor:
         _check_image_input("ConvEnergy", x, self.in_channels, self.image_size)
-        return self.net(x).flatten(1).squeeze(1)
+        levels = _levels_of("ConvEnergy", self.level_embedding, t, x)
+        if levels is None:
+            return self.net(x).flatten(1).squeeze(1)
+        h = self.net[0](x) + self.level_embedding(levels)[:, :, None, None]
+        return self.net[1:](h).flatten(1).squeeze(1)
 
 
 class _ResBlock(nn.Module):
@@ -169,6 +236,8 @@ class ResNetEnergy(RecordInit, nn.Module):
         spectral_norm: spectral normalisation on every convolution and the final linear layer.
         activation: ``"silu"`` or ``"leaky_relu"``.
         negative_slope: the LeakyReLU slope.
+        num_levels: ``T`` noise levels to condition on (``forward(x, t)``, a learned per-level
+            offset of the first convolution's channels); ``None``/``0``: unconditional.
     """
 
     def __init__(
@@ -179,6 +248,7 @@ class ResNetEnergy(RecordInit, nn.Module):
         spectral_norm: bool = True,
         activation: str = "silu",
         negative_slope: float = 0.2,
+        num_levels: int | None = None,
     ) -> None:
         super().__init__()
         in_channels = check_int("ResNetEnergy", "in_channels", in_channels, minimum=1)
@@ -194,10 +264,15 @@ class ResNetEnergy(RecordInit, nn.Module):
             for c_in, c_out in zip(channels[:-1], channels[1:], strict=True)
         )
         self.head = _maybe_sn(nn.Linear(channels[-1], 1), spectral_norm)
+        self.level_embedding = _level_embedding("ResNetEnergy", num_levels, width)
+        self.num_levels = num_levels or None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | int | None = None) -> Tensor:
         _check_image_input("ResNetEnergy", x, self.in_channels, None)
         h = self.conv_in(x)
+        levels = _levels_of("ResNetEnergy", self.level_embedding, t, x)
+        if levels is not None:
+            h = h + self.level_embedding(levels)[:, :, None, None]
         for block in self.blocks:
             h = block(h)
         return self.head(self.act(h).sum(dim=(2, 3))).squeeze(-1)

@@ -251,6 +251,8 @@ class EBM(L.LightningModule):
         batch_size = self.num_negatives or getattr(datamodule, "batch_size", None)
         draws = self.objective.needs_negatives and isinstance(batch_size, int)
         self._run_state.prepare(self, batch_size if draws else None)
+        self.objective.check(self.energy, self.sampler)
+        self.sampler.check_energy(self.energy)
         self._dry_run()
 
     def _dry_run(self) -> None:

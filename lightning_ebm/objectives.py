@@ -30,7 +30,8 @@ from ._checks import ArgumentError, check_bool, check_choice, check_float, check
 from ._config import RecordInit
 from .energies import check_energy_output
 from .latents import Gaussian, Latent, PersistentLatent
-from .samplers import Sampler
+from .samplers import DiffusionRecovery, Sampler
+from .samplers.recovery import check_conditioned
 
 __all__ = [
     "Objective",
@@ -41,6 +42,7 @@ __all__ = [
     "SlicedScoreMatching",
     "ExactScoreMatching",
     "NoiseContrastiveEstimation",
+    "DiffusionRecoveryLikelihood",
 ]
 
 
@@ -123,6 +125,9 @@ class Objective(RecordInit):
 
     def __call__(self, step: TrainingStep) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
+
+    def check(self, energy: nn.Module, sampler: Sampler) -> None:
+        """Raise early if this objective cannot train ``energy`` with ``sampler`` (``EBM.setup`` calls it)."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -378,3 +383,79 @@ class NoiseContrastiveEstimation(Objective):
         accuracy = 0.5 * ((logit_data > 0).to(x.dtype).mean() + (logit_noise < 0).to(x.dtype).mean())
         return loss, {"nce": loss.detach(), "energy_data": e_data.detach().mean(),
                       "energy_noise": e_noise.detach().mean(), "accuracy": accuracy.detach()}
+
+
+# ---------------------------------------------------------------------------------------- DRL
+class DiffusionRecoveryLikelihood(Objective):
+    """Diffusion recovery likelihood (Gao, Song, Poole, Wu & Kingma 2021): one EBM per noise level.
+
+    The data are noised by a variance-preserving schedule (``samplers.NoiseSchedule``, shared with
+    the generator ``samplers.DiffusionRecovery``): per sample a level ``t`` is drawn, ``x_t`` from
+    the marginal and ``x_{t+1} = a x_t + s eps``. The noise-conditioned energy ``E(x, t)`` is trained
+    by maximum likelihood of the *conditional* ``p(x_t | x_{t+1}) ∝ exp(-E(x_t, t) - ||x~ - x_t||^2 /
+    (2 r^2))``, ``x~ = x_{t+1} / a``, ``r = s / a``: negatives are ``steps`` conditional Langevin steps
+    started at ``x~`` (step ``b^2 r^2 / 2``, noise ``b r``), and the loss is
+    ``mean E(x_t, t) - mean E(sg(x_neg), t) + alpha (mean E(x_t, t)^2 + mean E(x_neg, t)^2)``. The
+    conditional is close to a Gaussian around ``x~``, so short chains mix, unlike the marginal.
+
+    The energy must follow the noise-level protocol (``num_levels = T``, ``forward(x, t)``; see
+    ``lightning_ebm.energies``). The module's own sampler is not run in training (this objective
+    runs its recovery chain itself); for generation use ``DiffusionRecovery`` with the same schedule.
+
+    Args:
+        steps: Langevin steps of the recovery chain ``K``.
+        b: step-size factor (see ``DiffusionRecovery``).
+        sigmas: the noise steps ``s_1 .. s_T``, each in (0, 1) (``NoiseSchedule``); ``None``: the
+            next three give them, geometrically spaced.
+        num_levels: ``T``, the number of noise steps (and of the energy's levels).
+        sigma_min: the first step (level 0 -> 1).
+        sigma_max: the top step (level T-1 -> T).
+        alpha: weight of the energy-magnitude regulariser (0: none); without it a 2-D toy's energy
+            drifts and its chains diverge after a few hundred steps (measured, docs/guide/objectives.md).
+        grad_clip: clamp every coordinate of ``grad E`` in the chain.
+    """
+
+    needs_negatives = False  # the negatives come from the recovery chain, not from the module's sampler
+
+    def __init__(self, steps: int = 20, b: float = 0.35, sigmas: Sequence[float] | None = None, num_levels: int = 6,
+                 sigma_min: float = 0.05, sigma_max: float = 0.9, alpha: float = 0.1,
+                 grad_clip: float | None = None) -> None:
+        owner = type(self).__name__
+        self.alpha = check_float(owner, "alpha", alpha, minimum=0)
+        try:
+            self.recovery = DiffusionRecovery(steps=steps, b=b, sigmas=sigmas, num_levels=num_levels,
+                                              sigma_min=sigma_min, sigma_max=sigma_max, grad_clip=grad_clip)
+        except ArgumentError as err:
+            raise ArgumentError(str(err).replace("DiffusionRecovery", owner, 1)) from None
+
+    @property
+    def schedule(self):  # noqa: ANN201 - a samplers.NoiseSchedule
+        """The noise schedule (``samplers.NoiseSchedule``)."""
+        return self.recovery.schedule
+
+    def check(self, energy: nn.Module, sampler: Sampler) -> None:
+        """The energy must be noise-conditioned with ``T`` levels; a ``DiffusionRecovery`` must share the schedule."""
+        check_conditioned(type(self).__name__, energy, self.schedule)
+        if isinstance(sampler, DiffusionRecovery) and sampler.schedule != self.schedule:
+            raise ArgumentError(f"{type(self).__name__}: the sampler's noise schedule {sampler.schedule} differs "
+                                f"from the objective's {self.schedule}; give both the same sigmas / num_levels, "
+                                "sigma_min, sigma_max")
+
+    def __call__(self, step: TrainingStep) -> tuple[Tensor, dict[str, Tensor]]:
+        check_conditioned(type(self).__name__, step.energy, self.schedule)
+        x0 = step.jittered_data()
+        n, rng = x0.shape[0], step.rng
+        t = torch.randint(self.schedule.num_levels, (n,), generator=rng, device=x0.device)
+        eps = torch.randn((2, *x0.shape), generator=rng, device=x0.device, dtype=x0.dtype)
+        x_t = step.memory_format(self.schedule.marginal(x0, t, eps[0]))
+        x_next = self.schedule.noise_step(x_t, t, eps[1])
+        x_neg = step.memory_format(self.recovery.recover(step.energy, x_next, t, rng).state[0])
+        e_pos, e_neg = step.energy(x_t, t=t), step.energy(x_neg, t=t)
+        check_energy_output(e_pos, x_t)
+        check_energy_output(e_neg, x_neg)
+        gap = e_pos.mean() - e_neg.mean()
+        reg = e_pos.pow(2).mean() + e_neg.pow(2).mean()
+        loss = gap + self.alpha * reg if self.alpha > 0 else gap
+        recovery_mse = _sum_over_sample((x_neg - x_t).pow(2)).mean() / x_t[0].numel()
+        return loss, {"energy_data": e_pos.detach().mean(), "energy_gen": e_neg.detach().mean(),
+                      "energy_gap": gap.detach(), "energy_reg": reg.detach(), "recovery_mse": recovery_mse.detach()}

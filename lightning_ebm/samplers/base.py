@@ -136,6 +136,9 @@ class Sampler(RecordInit):
         """The state the update starts from (default: the position alone)."""
         return (x0,)
 
+    def check_energy(self, energy: nn.Module) -> None:
+        """Raise early if this sampler cannot run ``energy`` (``EBM.setup`` calls it); any energy by default."""
+
     def info(self, state: State) -> dict[str, float]:
         """What the final state says about the call (e.g. an acceptance rate), for ``last_info``."""
         return {}

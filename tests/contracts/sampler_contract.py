@@ -53,6 +53,8 @@ class Case:
     closed_form: Callable[[bool], None]
     noisy: bool = False
     compile: bool = False
+    #: noise levels of the energy the sampler needs (``energies``' protocol); ``None``: any energy
+    num_levels: int | None = None
 
     def build(self, length: int = 1) -> Sampler:
         return self.make(length, self.compile)
@@ -73,9 +75,12 @@ class SamplerContract:
     """The tests every sampler passes. Subclasses provide the ``case`` fixture (a ``Case``)."""
 
     @pytest.fixture
-    def mlp(self) -> MLPEnergy:
+    def mlp(self, case) -> MLPEnergy:
         torch.manual_seed(0)
-        return MLPEnergy(dim=2, hidden=32, num_layers=2)
+        energy = MLPEnergy(dim=2, hidden=32, num_layers=2, num_levels=case.num_levels)
+        if energy.level_embedding is not None:  # distinct levels, so a sampler that mixes them up would show
+            torch.nn.init.normal_(energy.level_embedding.weight, std=0.5)
+        return energy
 
     def test_shape_dtype_and_detached(self, case, mlp):
         dtypes = [torch.float32] if case.compile else [torch.float32, torch.float64]
@@ -182,7 +187,9 @@ class SamplerContract:
 
     def test_bad_energy_output_is_named(self, case):
         class Wrong(torch.nn.Module):
-            def forward(self, x):
+            num_levels = case.num_levels
+
+            def forward(self, x, t=None):
                 return (x**2).sum(1, keepdim=True)  # (B, 1) instead of (B,)
 
         with pytest.raises(ValueError, match=r"shape \(B,\).*\(4, 1\)"):

@@ -49,7 +49,12 @@ OBJECTIVES = {
     "ExactScoreMatching": [lambda: objectives.ExactScoreMatching()],
     "NoiseContrastiveEstimation": [lambda: objectives.NoiseContrastiveEstimation(),
                                    lambda: objectives.NoiseContrastiveEstimation(Gaussian((2,), std=2.0), 3)],
+    "DiffusionRecoveryLikelihood": [lambda: objectives.DiffusionRecoveryLikelihood(steps=3, num_levels=4),
+                                    lambda: objectives.DiffusionRecoveryLikelihood(steps=2, sigmas=[0.2, 0.5],
+                                                                                   alpha=0.0, grad_clip=1.0)],
 }
+#: objectives that need a noise-conditioned energy: the number of levels of the energy they get
+NUM_LEVELS = {("DiffusionRecoveryLikelihood", 0): 4, ("DiffusionRecoveryLikelihood", 1): 2}
 NOT_OBJECTIVES = {"Objective": "the interface", "TrainingStep": "what an objective is given"}
 EXTRA = {"NoNegatives": [NoNegatives]}
 
@@ -80,9 +85,13 @@ class CountingLangevin(Langevin):
         return out
 
 
-def make_step(objective_seed: int = 0, latent=None) -> tuple[TrainingStep, CountingLangevin]:
+def _energy(case: tuple[str, int] | None = None) -> MLPEnergy:
+    return MLPEnergy(dim=2, hidden=16, num_layers=2, num_levels=NUM_LEVELS.get(case))
+
+
+def make_step(objective_seed: int = 0, latent=None, case=None) -> tuple[TrainingStep, CountingLangevin]:
     torch.manual_seed(0)
-    energy = MLPEnergy(dim=2, hidden=16, num_layers=2)
+    energy = _energy(case)
     sampler = CountingLangevin(steps=3, step_size=0.05, noise_std=0.05)
     data = torch.randn(12, 2, generator=torch.Generator().manual_seed(1))
     rng = torch.Generator().manual_seed(objective_seed)
@@ -106,7 +115,7 @@ def test_the_interface_is_abstract():
 
 
 def test_loss_and_parts_are_finite_scalars_and_gradients_reach_the_energy(case):
-    step, _ = make_step()
+    step, _ = make_step(case=case)
     loss, parts = _build(*case)(step)
     assert loss.shape == () and torch.isfinite(loss)
     assert parts and all(v.shape == () and torch.isfinite(v) for v in parts.values()), parts
@@ -118,7 +127,7 @@ def test_loss_and_parts_are_finite_scalars_and_gradients_reach_the_energy(case):
 
 
 def test_the_sampler_runs_if_and_only_if_negatives_are_needed(case):
-    step, sampler = make_step()
+    step, sampler = make_step(case=case)
     objective = _build(*case)
     objective(step)
     if objective.needs_negatives:
@@ -135,17 +144,17 @@ def test_all_randomness_comes_from_the_steps_stream(case):
     state = torch.get_rng_state()
     losses = []
     for _ in range(2):
-        step, _ = make_step(objective_seed=3)
+        step, _ = make_step(objective_seed=3, case=case)
         losses.append(_build(*case)(step)[0])
     assert torch.equal(torch.get_rng_state(), state)  # torch's global stream never touched...
     assert torch.equal(losses[0], losses[1])  # ... and the step's stream decides everything
-    other, _ = make_step(objective_seed=4)
+    other, _ = make_step(objective_seed=4, case=case)
     assert not torch.equal(_build(*case)(other)[0], losses[0])
 
 
 def _fit(root, objective_case, max_steps, ckpt_path=None):
     L.seed_everything(0 if ckpt_path is None else 123)  # a resumed run starts elsewhere: the checkpoint must win
-    model = tiny_ebm(objective=_build(*objective_case))
+    model = tiny_ebm(objective=_build(*objective_case), energy=_energy(objective_case))
     trainer = tiny_trainer(root, max_steps=max_steps, limit_val_batches=0, val_check_interval=None,
                            callbacks=[ModelCheckpoint(dirpath=root, save_last=True)])
     trainer.fit(model, tiny_data(), ckpt_path=ckpt_path, weights_only=False)

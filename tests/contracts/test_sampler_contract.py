@@ -15,7 +15,7 @@ import torch
 from conftest import QuadraticEnergy, random_spd
 from contracts.sampler_contract import Case, SamplerContract, check_matrix_power, exported_samplers, gen, start
 
-from lightning_ebm.samplers import HMC, MALA, ODE, GradientDescent, Langevin
+from lightning_ebm.samplers import HMC, MALA, ODE, DiffusionRecovery, GradientDescent, Langevin
 
 
 def _descent_closed_form(compile: bool) -> None:
@@ -69,6 +69,40 @@ def _hmc_closed_form(compile: bool) -> None:
     _metropolis_closed_form(lambda: HMC(steps=50, step_size=0.3, num_leapfrog=4, compile=compile))
 
 
+class LevelQuadratic(torch.nn.Module):
+    """``E(x, t) = 0.5 p_t |x|^2``: a noise-conditioned quadratic (``num_levels`` protocol)."""
+
+    def __init__(self, precisions: list[float]) -> None:
+        super().__init__()
+        self.num_levels = len(precisions)
+        self.register_buffer("p", torch.tensor(precisions, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.zeros(x.shape[0], dtype=torch.long) if t is None else t
+        return 0.5 * self.p[t].to(x.dtype) * x.flatten(1).pow(2).sum(1)
+
+
+def _recovery_closed_form(compile: bool) -> None:
+    """Each level is a linear Gaussian step: with E = 0.5 p_t |x|^2 and the chain long enough to mix,
+    x_t given x_{t+1} is Gaussian with the unadjusted-Langevin law of precision L = p_t + 1/r^2: mean
+    (x~ / r^2) / L, variance 1 / (L (1 - h L / 2)); composed over the levels from x_T ~ N(0, 1) the
+    output is N(0, v_0) with v recursed in closed form (float64, 40000 samples)."""
+    sampler = DiffusionRecovery(steps=200, b=0.3, sigmas=[0.3, 0.6], compile=compile)
+    p = [2.0, 1.0]
+    v = 1.0  # the variance of x_T
+    for t in (1, 0):
+        s = sampler.schedule.sigmas[t]
+        a = math.sqrt(1 - s * s)
+        r2 = (s / a) ** 2
+        lam, h = p[t] + 1 / r2, 0.5 * sampler.b**2 * r2
+        gain = (1 / r2) / lam / a  # the mean is gain * x_{t+1}
+        v = gain**2 * v + 1 / (lam * (1 - h * lam / 2))
+    x = sampler(LevelQuadratic(p), start(shape=(40000, 1), dtype=torch.float64), generator=gen(0))
+    assert abs(float(x.mean())) < 5 * math.sqrt(v / 40000)
+    assert float(x.var()) == pytest.approx(v, rel=5 * math.sqrt(2 / 40000)), (float(x.var()), v)
+    assert sampler.last_nfe == 400
+
+
 #: exported class name -> its configurations (each also runs compiled)
 CASES: dict[str, dict[str, Case]] = {
     "GradientDescent": {
@@ -88,6 +122,11 @@ CASES: dict[str, dict[str, Case]] = {
     "HMC": {
         "hmc": Case(lambda n, c: HMC(steps=2 * n, step_size=0.05, num_leapfrog=3, compile=c), _hmc_closed_form,
                     noisy=True),
+    },
+    "DiffusionRecovery": {
+        "drl": Case(lambda n, c: DiffusionRecovery(steps=2 * n, b=0.5, num_levels=3, sigma_min=0.1, sigma_max=0.5,
+                                                   grad_clip=5.0, clamp=(-3.0, 3.0), compile=c),
+                    _recovery_closed_form, noisy=True, num_levels=3),
     },
     "ODE": {
         "ode_rk4": Case(lambda n, c: ODE(t_end=0.25 * n, method="rk4", step_size=0.05, compile=c),
@@ -113,7 +152,7 @@ def test_every_exported_sampler_has_a_case():
 def case(request) -> Case:
     cls, name, compile = request.param
     base = CASES[cls][name]
-    return Case(base.make, base.closed_form, noisy=base.noisy, compile=compile)
+    return Case(base.make, base.closed_form, noisy=base.noisy, compile=compile, num_levels=base.num_levels)
 
 
 class TestExportedSamplers(SamplerContract):

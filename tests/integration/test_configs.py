@@ -19,6 +19,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 IMAGE_CONFIGS = [
     "digits.yaml",
     "digits_wandb.yaml",
+    "digits_drl.yaml",
     "mnist.yaml",
     "cifar10.yaml",
     "cifar10_langevin.yaml",

@@ -92,7 +92,13 @@ def main(argv: list[str] | None = None) -> int:
               f"1 thread; overrides {args.override}")
         for i, name in enumerate(args.configs):
             config = (current / name).resolve()
-            ref, ref_loss, ref_s = train(tmp_path / "tree", config, args.max_steps, tmp_path / f"ref{i}", args.override)
+            # `num_threads` (a process setting, newer than some references) is left out for the reference:
+            # both runs use one thread anyway
+            ref_config = tmp_path / f"ref{i}.yaml"
+            ref_config.write_text("".join(line for line in config.read_text().splitlines(keepends=True)
+                                          if not line.startswith("num_threads:")))
+            ref, ref_loss, ref_s = train(tmp_path / "tree", ref_config, args.max_steps, tmp_path / f"ref{i}",
+                                         args.override)
             cur, cur_loss, cur_s = train(current, config, args.max_steps, tmp_path / f"cur{i}", args.override)
             same_keys = ref.keys() == cur.keys()
             differing = [k for k in ref if k in cur

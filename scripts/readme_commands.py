@@ -7,6 +7,7 @@ extra and runs the tests. ``.ci/run`` runs what this prints, so CI runs them exa
     python scripts/readme_commands.py            # both, one per line
     python scripts/readme_commands.py main       # the main job only
     python scripts/readme_commands.py tests      # the test command only
+    python scripts/readme_commands.py main README.md   # from another README
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def readme_commands(text: str | None = None) -> tuple[str, str]:
 
 
 def main(argv: list[str]) -> None:
-    main_job, tests = readme_commands()
+    main_job, tests = readme_commands(Path(argv[1]).read_text() if len(argv) > 1 else None)
     which = argv[0] if argv else "both"
     if which not in ("both", "main", "tests"):
         raise SystemExit(f"usage: {sys.argv[0]} [main|tests], got {which!r}")

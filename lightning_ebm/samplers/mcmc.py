@@ -55,6 +55,19 @@ def _adapt(log_step: Tensor, log_ratio: Tensor, k: Tensor, adapt_steps: int, tar
     return torch.where(k < adapt_steps, moved, log_step)
 
 
+def _metropolis(state: State, proposal: Tensor, e_old: Tensor, e_new: Tensor, log_ratio: Tensor, u: Tensor,
+                k: Tensor, adapt_steps: int, target: float, rate: float) -> tuple[State, dict[str, Tensor]]:
+    """The accept/reject both samplers share: per chain, keep ``proposal`` where ``log u < log_ratio``;
+    count acceptances after the warm-up and adapt the step sizes during it."""
+    x, log_step, accepted = state
+    accept = u.log() < log_ratio
+    x = torch.where(_view(accept, x), proposal, x)
+    counted = accept & (k >= adapt_steps)
+    log_step = _adapt(log_step, log_ratio, k, adapt_steps, target, rate)
+    return (x, log_step, accepted + counted.to(accepted.dtype)), {"accept": accept,
+                                                                   "energy": torch.where(accept, e_new, e_old)}
+
+
 def mala_update(grad: GradFn, state: State, noise: tuple[Tensor, ...], k: Tensor, temperature: float,
                 grad_clip: float | None, adapt_steps: int, target: float, rate: float
                 ) -> tuple[State, dict[str, Tensor]]:
@@ -65,7 +78,7 @@ def mala_update(grad: GradFn, state: State, noise: tuple[Tensor, ...], k: Tensor
     uniform of the accept test. ``grad_clip`` (if set) clips the proposal's drift only; the
     accept ratio uses the same clipped drift both ways, so the chain stays exact.
     """
-    x, log_step, accepted = state
+    x, log_step, _ = state
     xi, u = noise
     step = log_step.exp()
     g_x, e_x = grad(x, with_energy=True)
@@ -74,12 +87,7 @@ def mala_update(grad: GradFn, state: State, noise: tuple[Tensor, ...], k: Tensor
     g_y, e_y = grad(y, with_energy=True)
     g_y = clip_grad(g_y, grad_clip)
     log_ratio = mala_log_accept(x, y, e_x, e_y, g_x, g_y, step, temperature)
-    accept = u.log() < log_ratio
-    x = torch.where(_view(accept, x), y, x)
-    counted = accept & (k >= adapt_steps)
-    log_step = _adapt(log_step, log_ratio, k, adapt_steps, target, rate)
-    return (x, log_step, accepted + counted.to(accepted.dtype)), {"accept": accept, "energy": torch.where(
-        accept, e_y, e_x)}
+    return _metropolis(state, y, e_x, e_y, log_ratio, u, k, adapt_steps, target, rate)
 
 
 def hmc_update(grad: GradFn, state: State, noise: tuple[Tensor, ...], k: Tensor, temperature: float,
@@ -90,7 +98,7 @@ def hmc_update(grad: GradFn, state: State, noise: tuple[Tensor, ...], k: Tensor,
     ``state = (x, log_step, accepted)`` as in ``mala_update``; ``noise = (p, u)``: the momentum
     draw and the uniform of the accept test. The Hamiltonian is ``E(x) / T + ||p||^2 / 2``.
     """
-    x, log_step, accepted = state
+    x, log_step, _ = state
     p0, u = noise
     step = _view(log_step.exp(), x)
     g, e0 = grad(x, with_energy=True)
@@ -103,12 +111,7 @@ def hmc_update(grad: GradFn, state: State, noise: tuple[Tensor, ...], k: Tensor,
         p = p - (step if i < num_leapfrog - 1 else 0.5 * step) * g
     log_ratio = (e0 - e1) / temperature + 0.5 * (_per_sample(p0**2) - _per_sample(p**2))
     log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf)  # a diverging trajectory is rejected
-    accept = u.log() < log_ratio
-    x = torch.where(_view(accept, x), q, x)
-    counted = accept & (k >= adapt_steps)
-    log_step = _adapt(log_step, log_ratio, k, adapt_steps, target, rate)
-    return (x, log_step, accepted + counted.to(accepted.dtype)), {"accept": accept, "energy": torch.where(
-        accept, e1, e0)}
+    return _metropolis(state, q, e0, e1, log_ratio, u, k, adapt_steps, target, rate)
 
 
 def _normal_and_uniform(x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:

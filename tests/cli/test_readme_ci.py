@@ -24,7 +24,7 @@ def test_the_readme_gives_the_two_commands_a_fresh_machine_needs():
 
 def test_ci_runs_exactly_what_the_readme_says():
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "scripts/readme_commands.py main" in ci and "scripts/readme_commands.py tests" in ci
+    assert "scripts/readme_commands.py main README.md" in ci and "scripts/readme_commands.py tests README.md" in ci
     assert 'bash -c "$main_job"' in ci and 'bash -c "$tests"' in ci
 
 

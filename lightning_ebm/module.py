@@ -29,6 +29,7 @@ __all__ = ["EBM"]
 
 
 _EVAL_SEED_OFFSET = 2_147_483_629  # validation draws its own stream, never the training one
+_OBJECTIVE_KEY = "lightning_ebm_objective"  # checkpoint key of the objective's own state (see Objective.state_dict)
 
 
 def _check_batch_size(method: str, batch_size: Any) -> None:
@@ -390,6 +391,9 @@ class EBM(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._run_state.save(self, checkpoint)  # a collective under DDP: every rank's stream and chains
+        objective_state = self.objective.state_dict()
+        if objective_state:  # what the objective fitted outside the energy (NCE's fitted noise)
+            checkpoint[_OBJECTIVE_KEY] = objective_state
         self._strip_hparams(checkpoint)
         if "hyper_parameters" in checkpoint:  # components as plain configs: loads with weights_only=True
             checkpoint["hyper_parameters"], problems = _config.hparams_to_config(checkpoint["hyper_parameters"])
@@ -403,6 +407,7 @@ class EBM(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._run_state.load(self, checkpoint)
+        self.objective.load_state_dict(checkpoint.get(_OBJECTIVE_KEY, {}))
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, weights_only: bool | None = None,

@@ -129,6 +129,15 @@ class Objective(RecordInit):
     def check(self, energy: nn.Module, sampler: Sampler) -> None:
         """Raise early if this objective cannot train ``energy`` with ``sampler`` (``EBM.setup`` calls it)."""
 
+    def state_dict(self) -> dict[str, Tensor]:
+        """What the objective learnt outside the energy (tensors), saved in the module's checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Take back what ``state_dict`` gave (``EBM.on_load_checkpoint`` calls it)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}")
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
@@ -337,6 +346,48 @@ class ExactScoreMatching(Objective):
 
 
 # ---------------------------------------------------------------------------------------- NCE
+class _FittedGaussian(Latent):
+    """``N(mean, L L^T)`` over the flattened sample: NCE's noise fitted to the data (not exported)."""
+
+    has_density = True
+
+    def __init__(self, shape: Sequence[int], mean: Tensor, scale_tril: Tensor) -> None:
+        super().__init__()
+        self.shape = tuple(shape)
+        self.mean_vector, self.scale_tril = mean, scale_tril
+
+    def _on(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        return (self.mean_vector.to(like.device, like.dtype), self.scale_tril.to(like.device, like.dtype))
+
+    def sample(self, n, *, generator=None, device=None, dtype=None) -> Tensor:
+        self._check_n(n)
+        eps = torch.randn((n, self.mean_vector.numel()), generator=generator, device=device, dtype=dtype)
+        mean, tril = self._on(eps)
+        return (mean + eps @ tril.T).reshape(n, *self.shape)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        self._check_z(z)
+        mean, tril = self._on(z)
+        white = torch.linalg.solve_triangular(tril, (z.flatten(1) - mean).T, upper=False).T
+        d = mean.numel()
+        return (-0.5 * white.pow(2).sum(1) - tril.diagonal().log().sum() - 0.5 * d * math.log(2 * math.pi))
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, fitted to the data"
+
+
+def _mean_and_covariance(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and covariance (float64) of the flattened samples ``x``, over every rank's ``x`` under DDP."""
+    flat = x.detach().flatten(1).double()
+    stats = [flat.new_tensor(float(flat.shape[0])), flat.sum(0), flat.T @ flat]
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for t in stats:
+            torch.distributed.all_reduce(t)
+    n, total, outer = stats
+    mean = total / n
+    return mean, (outer - n * torch.outer(mean, mean)) / (n - 1)
+
+
 class NoiseContrastiveEstimation(Objective):
     """Noise-contrastive estimation (Gutmann & Hyvarinen 2010): tell data from noise with ``-E``.
 
@@ -347,27 +398,65 @@ class NoiseContrastiveEstimation(Objective):
     additive constant (the output bias of ``MLPEnergy`` and the other library energies), so
     ``exp(-E)`` needs no ``Z`` afterwards. The noise should cover the data (same scale or wider):
     NCE's variance grows fast as the two separate. The sampler does not run in training.
+
+    ``fit_noise=True`` makes the noise a full-covariance Gaussian with the mean and covariance of
+    the first training batch (of every rank's first batch under DDP), plus ``shrinkage`` times the
+    mean variance on the diagonal so that it stays positive definite when the batch is smaller
+    than the dimension. It is fitted once and then held fixed (NCE needs a fixed noise law); it is
+    saved in the module's checkpoints, so a resumed run keeps it.
     """
 
     needs_negatives = False
 
-    def __init__(self, noise: Latent | None = None, noise_ratio: int = 1) -> None:
+    def __init__(self, noise: Latent | None = None, noise_ratio: int = 1, fit_noise: bool = False,
+                 shrinkage: float = 1e-3) -> None:
         owner = type(self).__name__
         if noise is not None:
             check_type(owner, "noise", noise, Latent, "a lightning_ebm latent with a log_prob (e.g. Gaussian) or None")
             if not getattr(noise, "has_density", False):
                 raise ArgumentError(f"{owner}: noise must be a latent with a log_prob (a density), got "
                                     f"{type(noise).__name__}, which has none; use Gaussian or Uniform")
+        self.fit_noise = check_bool(owner, "fit_noise", fit_noise)
+        if self.fit_noise and noise is not None:
+            raise ArgumentError(f"{owner}: give either noise={type(noise).__name__}(...) or fit_noise=True "
+                                "(a Gaussian fitted to the data), not both")
         self.noise = noise
         self.noise_ratio = check_int(owner, "noise_ratio", noise_ratio, minimum=1)
+        self.shrinkage = check_float(owner, "shrinkage", shrinkage, minimum=0)
+        self._fitted: dict[str, Tensor] = {}
 
     def _noise(self, step: TrainingStep) -> Latent:
+        shape = tuple(step.data.shape[1:])
+        if self.fit_noise and not self._fitted:
+            mean, cov = _mean_and_covariance(step.data)
+            ridge = self.shrinkage * cov.diagonal().mean().clamp_min(torch.finfo(cov.dtype).tiny)
+            eye = torch.eye(len(mean), dtype=cov.dtype, device=cov.device)
+            tril, info = torch.linalg.cholesky_ex(cov + ridge * eye)
+            if int(info) != 0:
+                raise ValueError(f"NoiseContrastiveEstimation: the first batch's covariance is singular; raise "
+                                 f"shrinkage (now {self.shrinkage}) or the batch size ({step.data.shape[0]})")
+            self._fitted = {"mean": mean, "scale_tril": tril}
+            self.noise = None
+        if self._fitted and self.noise is None:
+            self.noise = _FittedGaussian(shape, self._fitted["mean"], self._fitted["scale_tril"])
         if self.noise is None:
-            self.noise = Gaussian(tuple(step.data.shape[1:]))
-        if tuple(self.noise.shape) != tuple(step.data.shape[1:]):
+            self.noise = Gaussian(shape)
+        if tuple(self.noise.shape) != shape:
             raise ValueError(f"NoiseContrastiveEstimation: the noise has shape {tuple(self.noise.shape)} but the "
-                             f"data samples have shape {tuple(step.data.shape[1:])}")
+                             f"data samples have shape {shape}")
         return self.noise
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().cpu() for k, v in self._fitted.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        unexpected = set(state) - {"mean", "scale_tril"}
+        if unexpected or (state and not self.fit_noise):
+            raise ValueError(f"NoiseContrastiveEstimation(fit_noise={self.fit_noise}) cannot take the saved state "
+                             f"{sorted(state)}: the checkpoint was written with fitted noise")
+        if state:
+            self._fitted = dict(state)
+            self.noise = None  # rebuilt from the fitted values at the next step
 
     def __call__(self, step: TrainingStep) -> tuple[Tensor, dict[str, Tensor]]:
         x = step.jittered_data()

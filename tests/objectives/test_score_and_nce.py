@@ -147,6 +147,50 @@ def test_noise_contrastive_estimation_recovers_precision_mean_and_the_log_normal
     assert float(energy.c) == pytest.approx(log_z, abs=0.05)
 
 
+def test_fitted_noise_is_the_first_batch_mean_and_covariance_and_its_density_is_gaussian():
+    data = gaussian_data(n=500, seed=3)
+    objective = NoiseContrastiveEstimation(fit_noise=True, shrinkage=0.0)
+    step = TrainingStep(Quadratic(), GradientDescent(1, 0.1), Uniform((2,)), torch.Generator(), data, 500)
+    objective(step)
+    state = objective.state_dict()
+    torch.testing.assert_close(state["mean"], data.mean(0))
+    torch.testing.assert_close(state["scale_tril"] @ state["scale_tril"].T, torch.cov(data.T))
+    reference = torch.distributions.MultivariateNormal(data.mean(0), torch.cov(data.T))
+    points = torch.randn(7, 2, dtype=torch.float64)
+    torch.testing.assert_close(objective.noise.log_prob(points), reference.log_prob(points))
+    draws = objective.noise.sample(200_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(torch.cov(draws.T), torch.cov(data.T), atol=0.02, rtol=0)  # ~5 SE of 200k draws
+    # held fixed: a second, different batch does not refit it
+    objective(TrainingStep(Quadratic(), GradientDescent(1, 0.1), Uniform((2,)), torch.Generator(), data + 5.0, 500))
+    torch.testing.assert_close(objective.state_dict()["mean"], data.mean(0))
+
+
+def test_noise_contrastive_estimation_with_fitted_noise_recovers_the_gaussian():
+    energy = fit(NoiseContrastiveEstimation(fit_noise=True, noise_ratio=2), gaussian_data(), iters=400)
+    assert_matrix_close(energy.P.detach(), torch.linalg.inv(SIGMA), 3 * REL)
+    torch.testing.assert_close(energy.m.detach(), MU, atol=0.05, rtol=0)
+    log_z = math.log(2 * math.pi) - 0.5 * float(torch.logdet(torch.linalg.inv(SIGMA)))
+    assert float(energy.c) == pytest.approx(log_z, abs=0.05)
+
+
+def test_fitted_noise_in_more_dimensions_than_samples_needs_shrinkage():
+    data = torch.randn(4, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    step = TrainingStep(MLPEnergy(10).double(), GradientDescent(1, 0.1), Uniform((10,)), torch.Generator(), data, 4)
+    loss, _ = NoiseContrastiveEstimation(fit_noise=True)(step)  # default shrinkage: positive definite
+    assert math.isfinite(float(loss))
+    with pytest.raises(ValueError, match="covariance is singular; raise shrinkage"):
+        NoiseContrastiveEstimation(fit_noise=True, shrinkage=0.0)(step)
+
+
+def test_fitted_noise_state_is_checked_on_load():
+    with pytest.raises(ValueError, match="give either noise=Gaussian"):
+        NoiseContrastiveEstimation(noise=Gaussian((2,)), fit_noise=True)
+    with pytest.raises(ValueError, match="written with fitted noise"):
+        NoiseContrastiveEstimation().load_state_dict({"mean": torch.zeros(2), "scale_tril": torch.eye(2)})
+    with pytest.raises(ValueError, match="keeps no state"):
+        DenoisingScoreMatching(0.1).load_state_dict({"x": torch.zeros(1)})
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"DenoisingScoreMatching: sigma must be a positive finite number, got -1"):
         DenoisingScoreMatching(-1)

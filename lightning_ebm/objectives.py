@@ -211,6 +211,12 @@ def _sum_over_sample(t: Tensor) -> Tensor:
     return t.flatten(1).sum(1)
 
 
+def _reaching_every_parameter(loss: Tensor, e: Tensor) -> Tensor:
+    """``loss + 0 * sum E``: the same value, but a parameter that only shifts ``E`` (an output bias,
+    which a loss of ``grad E`` never sees) gets a zero gradient rather than none, as DDP requires."""
+    return loss + 0.0 * e.sum()
+
+
 class DenoisingScoreMatching(Objective):
     """Denoising score matching (Vincent 2011) at one noise level ``sigma``.
 
@@ -236,7 +242,7 @@ class DenoisingScoreMatching(Objective):
         sigma = self._sigmas(step, x).view(-1, *([1] * (x.ndim - 1)))
         eps = torch.randn(x.shape, generator=step.rng, device=x.device, dtype=x.dtype)
         _, e, g = _energy_and_grad(step, x + sigma * eps)
-        loss = 0.5 * _sum_over_sample((sigma * g - eps).pow(2)).mean()
+        loss = _reaching_every_parameter(0.5 * _sum_over_sample((sigma * g - eps).pow(2)).mean(), e)
         return loss, {"dsm": loss.detach(), "energy_data": e.detach().mean(),
                       "score_norm": g.detach().flatten(1).norm(dim=1).mean()}
 
@@ -311,7 +317,7 @@ class SlicedScoreMatching(Objective):
             sliced_sq = sliced_sq + _sum_over_sample(g * v).pow(2)
         curvature = curvature / self.num_projections
         grad_sq = _sum_over_sample(g.pow(2)) if self.variance_reduced else sliced_sq / self.num_projections
-        loss = (0.5 * grad_sq - curvature).mean()
+        loss = _reaching_every_parameter((0.5 * grad_sq - curvature).mean(), e)
         return loss, {"ssm": loss.detach(), "energy_data": e.detach().mean(),
                       "curvature": curvature.detach().mean(), "score_norm": grad_sq.detach().sqrt().mean()}
 
@@ -341,7 +347,7 @@ class ExactScoreMatching(Objective):
             (row,) = torch.autograd.grad(flat[:, i].sum(), x, create_graph=True)
             trace = trace + row.flatten(1)[:, i]
         grad_sq = flat.pow(2).sum(1)
-        loss = (0.5 * grad_sq - trace).mean()
+        loss = _reaching_every_parameter((0.5 * grad_sq - trace).mean(), e)
         return loss, {"sm": loss.detach(), "energy_data": e.detach().mean(), "curvature": trace.detach().mean()}
 
 

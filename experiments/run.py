@@ -4,6 +4,7 @@
     python experiments/run.py noise_digits --seeds 0 1   # the same on the embedded digits (digits FID)
     python experiments/run.py ode        # GradientDescent vs ODE (rk4, dopri5) at equal gradient budgets
     python experiments/run.py density    # data | generator q | exp(-E)/Z on three toy sets (first seed)
+    python experiments/run.py objectives # every objective on three toy sets, 3 seeds: the KLs, MMD, wall time
     python experiments/run.py all
 
 Every training run is a `lightning-ebm fit` command (printed before it runs) on a shipped config
@@ -201,6 +202,151 @@ def summarise_density(results: list[dict], out: Path) -> None:
     print("\n".join(lines))
 
 
+# Every objective with its shipped 2-D config (each config's own budget: 1200 steps, batch 256; generation by
+# 60 gradient-descent steps from a Gaussian, except DRL, whose generator runs its noise levels down).
+OBJECTIVE_CONFIGS = {
+    "maximum likelihood": "configs/toy2d_density.yaml",
+    "multi-level DSM": "configs/toy2d_dsm.yaml",
+    "sliced SM": "configs/toy2d_ssm.yaml",
+    "NCE": "configs/toy2d_nce.yaml",
+    "DRL": "configs/toy2d_drl.yaml",
+}
+#: the density grid of the objective comparison (every toy set lies inside it)
+OBJECTIVE_BOUNDS = (-4.5, 4.5, -4.5, 4.5)
+#: only the checkpoint: the configs' plotting callbacks would be timed with the training otherwise
+CHECKPOINT_ONLY = ('--trainer.callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+                   '"init_args": {"save_last": true}}]')
+
+
+def objective_runs(seeds: list[int], datasets: tuple[str, ...] = DENSITY_DATASETS,
+                   objectives: tuple[str, ...] = tuple(OBJECTIVE_CONFIGS)) -> list[Run]:
+    return [Run("objectives", f"{data}_{name.replace(' ', '_')}_seed{seed}", OBJECTIVE_CONFIGS[name],
+                [f"--seed_everything={seed}", f"--data.init_args.name={data}", CHECKPOINT_ONLY],
+                {"dataset": data, "objective": name, "seed": seed})
+            for data in datasets for name in objectives for seed in seeds]
+
+
+def grid_densities(checkpoint: Path, dataset: str, grid_size: int = 100) -> dict:
+    """data, generator ``q`` (``None`` if the generator has no density) and ``exp(-E)/Z`` on one grid."""
+    import torch
+
+    from lightning_ebm import EBM, density
+    from lightning_ebm.data import toy_log_density
+
+    model = EBM.load_from_checkpoint(checkpoint, map_location="cpu").eval()
+    points, area = density.grid_2d(OBJECTIVE_BOUNDS, grid_size, dtype=torch.float32)
+    log_data = toy_log_density(dataset, points)
+    with torch.no_grad():
+        log_ebm = density.ebm_log_density(model.energy, points, area)
+    try:
+        log_gen = model.generator_log_prob(points, batch_size=4096, generator=torch.Generator().manual_seed(0))
+    except ValueError as err:  # no density rule for the sampler (DRL), or a step that is not invertible
+        print(f"  {checkpoint.parents[2].name}: no generator density ({str(err).splitlines()[0][:100]})")
+        log_gen = None
+    return {"area": area, "size": grid_size, "data": log_data, "gen": log_gen, "ebm": log_ebm}
+
+
+def evaluate_objective_runs(runs: list[Run], results: list[dict]) -> None:
+    """Add KL(data‖exp(-E)/Z), KL(data‖q) and the narrow-kernel MMD of each final model (once per run)."""
+    import torch
+
+    from lightning_ebm import density
+
+    for run, result in zip(runs, results, strict=True):
+        checkpoint = run.directory / "run" / "version_0" / "checkpoints" / "last.ckpt"
+        grids = run.directory / "grids.pt"
+        if "kl_data_ebm" not in result:
+            g = grid_densities(checkpoint, result["dataset"])
+            torch.save(g, grids)
+            result["kl_data_ebm"] = float(density.kl_on_grid(g["data"], g["ebm"], g["area"]))
+            if g["gen"] is not None:
+                result["kl_data_gen"] = float(density.kl_on_grid(g["data"], g["gen"], g["area"]))
+                result["kl_gen_ebm"] = float(density.kl_on_grid(g["gen"], g["ebm"], g["area"]))
+            result[LOCAL_MMD] = local_mmd(checkpoint, result["dataset"])
+            (run.directory / "result.json").write_text(json.dumps(result, indent=1))
+
+
+OBJECTIVE_COLUMNS = (("kl_data_ebm", "KL(data‖exp(-E)/Z)", 2), ("kl_data_gen", "KL(data‖q)", 2),
+                     ("kl_gen_ebm", "KL(q‖exp(-E)/Z)", 2), (LOCAL_MMD, f"MMD h={LOCAL_BANDWIDTH}", 4),
+                     ("wall_s", "wall (s)", 0))
+
+
+def summarise_objectives(results: list[dict], floors: dict[str, dict], out: Path) -> list[dict]:
+    """Mean ± std over seeds per (dataset, objective), with each set's data-vs-data narrow-kernel floor."""
+    rows = []
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        for name in dict.fromkeys(r["objective"] for r in results):
+            members = [r for r in results if r["dataset"] == dataset and r["objective"] == name]
+            if not members:
+                continue
+            row: dict = {"dataset": dataset, "objective": name, "runs": len(members)}
+            for metric, _, _ in OBJECTIVE_COLUMNS:
+                values = [r[metric] for r in members if metric in r]
+                if values:
+                    row[f"{metric}_mean"] = statistics.fmean(values)
+                    row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+            rows.append(row)
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in results for k in r)))
+        writer.writeheader()
+        writer.writerows(results)
+
+    def cell(r: dict, m: str, digits: int) -> str:
+        return f"{r[f'{m}_mean']:.{digits}f} ± {r[f'{m}_std']:.{digits}f}" if f"{m}_mean" in r else "—"
+
+    lines = ["| dataset | objective | runs | " + " | ".join(label for _, label, _ in OBJECTIVE_COLUMNS) + " |",
+             "|" + "---|" * (len(OBJECTIVE_COLUMNS) + 3)]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['objective']} | {r['runs']} | "
+                     + " | ".join(cell(r, m, d) for m, _, d in OBJECTIVE_COLUMNS) + " |")
+    lines.append("")
+    for dataset, floor in floors.items():
+        lines.append(f"Data vs data ({dataset}), MMD h={LOCAL_BANDWIDTH} over {floor['draws']} pairs of "
+                     f"{floor['n']} points: {floor['local_mean']:.4f} ± {floor['local_std']:.4f}.")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+def plot_objectives(runs: list[Run], results: list[dict], out: Path) -> list[Path]:
+    """Per data set, one row per objective (first seed): data | generator q | exp(-E)/Z, shared colour scale."""
+    import torch
+    from matplotlib.figure import Figure
+
+    paths = []
+    for dataset in dict.fromkeys(r["dataset"] for r in results):
+        chosen = [(run, r) for run, r in zip(runs, results, strict=True)
+                  if r["dataset"] == dataset and r["seed"] == min(x["seed"] for x in results)]
+        fig = Figure(figsize=(7.5, 2.4 * len(chosen)), dpi=90)
+        axes = fig.subplots(len(chosen), 3, squeeze=False)
+        for row, (run, r) in zip(axes, chosen, strict=True):
+            g = torch.load(run.directory / "grids.pt", weights_only=True)
+            n = g["size"]
+            top = float(g["data"].double().exp().max())
+            panels = (("data", g["data"]), (f"q  KL(data‖q)={r.get('kl_data_gen', float('nan')):.2f}", g["gen"]),
+                      (f"exp(-E)/Z  KL(data‖·)={r['kl_data_ebm']:.2f}", g["ebm"]))
+            for ax, (title, log_p) in zip(row, panels, strict=True):
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title(title, fontsize=8)
+                if log_p is None:
+                    ax.text(0.5, 0.5, "no density\n(noisy generator)", ha="center", va="center", fontsize=8)
+                    continue
+                ax.imshow(log_p.double().exp().reshape(n, n).numpy(), origin="lower", extent=OBJECTIVE_BOUNDS,
+                          vmin=0, vmax=top, cmap="viridis")
+            row[0].set_ylabel(r["objective"], fontsize=9)
+        fig.suptitle(f"{dataset}: data | generator q | exp(-E)/Z (seed {chosen[0][1]['seed']})", fontsize=10)
+        fig.tight_layout()
+        path = out / f"objectives_{dataset}.png"
+        fig.savefig(path)
+        paths.append(path)
+    return paths
+
+
 # ------------------------------------------------------------------ summaries
 def _data_args(config: str) -> dict:
     import yaml
@@ -339,7 +485,7 @@ def plot_noise_digits(rows: list[dict], out: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     global RESULTS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("experiment", choices=["noise", "noise_digits", "ode", "density", "all"])
+    parser.add_argument("experiment", choices=["noise", "noise_digits", "ode", "density", "objectives", "all"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--noise_levels", type=float, nargs="+", default=None,
                         help="Langevin noise_std values of the noise ablations (0 = GradientDescent; default "
@@ -353,6 +499,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", default=None,
                         help="toy set of 'noise' and 'ode' instead of the config's (8gaussians); use another "
                              "--out so the results do not mix")
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVE_CONFIGS), choices=list(OBJECTIVE_CONFIGS),
+                        metavar="NAME", help=f"objectives of 'objectives' (default all: {list(OBJECTIVE_CONFIGS)})")
     parser.add_argument("--density_ode", action="store_true", help="also run the ODE generator in 'density'")
     parser.add_argument("--density_config", default="configs/toy2d_density.yaml",
                         help="config of the gradient-descent runs of 'density'")
@@ -395,6 +543,16 @@ def main(argv: list[str] | None = None) -> None:
         for run in runs:
             run.overrides += args.extra
         summarise_density(execute_all(runs, args.jobs), RESULTS / "density")
+    if args.experiment in ("objectives", "all"):
+        runs = objective_runs(args.seeds, tuple(args.datasets), tuple(args.objectives))
+        for run in runs:
+            run.overrides += args.extra
+        results = execute_all(runs, args.jobs)
+        evaluate_objective_runs(runs, results)
+        out = RESULTS / "objectives"
+        floors = {d: data_floor("configs/toy2d.yaml", args.floor_draws, d) for d in args.datasets}
+        summarise_objectives(results, floors, out)
+        print("plots:", *plot_objectives(runs, results, out))
     print(f"total wall time {time.perf_counter() - start:.0f} s")
 
 

@@ -45,27 +45,33 @@ def _padded_bounds(data: Tensor, margin: float = 0.15) -> tuple[float, float, fl
     return float(lo[0] - pad[0]), float(hi[0] + pad[0]), float(lo[1] - pad[1]), float(hi[1] + pad[1])
 
 
-def density_metrics(log_data: Tensor | None, log_gen: Tensor, log_ebm: Tensor,
+def density_metrics(log_data: Tensor | None, log_gen: Tensor | None, log_ebm: Tensor,
                     cell_area: float) -> dict[str, float]:
     """Masses, KLs and total variations between the three densities on one grid.
 
     ``mass_gen`` is ``int q`` over the grid before renormalising (1 when the grid holds the
     generator's mass); the divergences compare the densities renormalised on the grid:
     ``kl_data_gen = KL(data || q)``, ``kl_data_ebm = KL(data || exp(-E)/Z)``,
-    ``kl_gen_ebm = KL(q || exp(-E)/Z)``, and ``tv_*`` the matching total variations.
+    ``kl_gen_ebm = KL(q || exp(-E)/Z)``, and ``tv_*`` the matching total variations. Without a
+    generator density (``log_gen=None``: a noisy sampler) only the data-vs-EBM ones.
     """
-    out = {"mass_gen": float(log_gen.double().exp().sum() * cell_area)}
-    pairs = [("gen_ebm", log_gen, log_ebm)]
+    out: dict[str, float] = {}
+    pairs = []
+    if log_gen is not None:
+        out["mass_gen"] = float(log_gen.double().exp().sum() * cell_area)
+        pairs.append(("gen_ebm", log_gen, log_ebm))
     if log_data is not None:
         out["mass_data"] = float(log_data.double().exp().sum() * cell_area)
-        pairs = [("data_gen", log_data, log_gen), ("data_ebm", log_data, log_ebm)] + pairs
+        pairs = [("data_ebm", log_data, log_ebm)] + pairs
+        if log_gen is not None:
+            pairs.insert(0, ("data_gen", log_data, log_gen))
     for name, p, q in pairs:
         out[f"kl_{name}"] = float(density.kl_on_grid(p, q, cell_area))
         out[f"tv_{name}"] = float(density.tv_on_grid(p, q, cell_area))
     return out
 
 
-def density_figure(bounds: Sequence[float], size: int, log_data: Tensor | None, log_gen: Tensor,
+def density_figure(bounds: Sequence[float], size: int, log_data: Tensor | None, log_gen: Tensor | None,
                    log_ebm: Tensor, metrics: dict[str, float], title: str = "",
                    log_range: float = 10.0) -> Figure:
     """Panels data | generator q | exp(-E)/Z as log-densities on one colour scale, KLs in the titles."""
@@ -76,8 +82,8 @@ def density_figure(bounds: Sequence[float], size: int, log_data: Tensor | None, 
     fig = Figure(figsize=(3.6 * len(panels) + 1.0, 3.9), dpi=90, layout="constrained")
     axes = fig.subplots(1, len(panels))
     subtitles = {"data": "", "generator q": f"KL(data||q) = {metrics.get('kl_data_gen', math.nan):.3f}",
-                 "EBM exp(-E)/Z": f"KL(data||EBM) = {metrics.get('kl_data_ebm', math.nan):.3f}\n"
-                                  f"KL(q||EBM) = {metrics['kl_gen_ebm']:.3f}"}
+                 "EBM exp(-E)/Z": f"KL(data||EBM) = {metrics.get('kl_data_ebm', math.nan):.3f}"
+                                  + (f"\nKL(q||EBM) = {metrics['kl_gen_ebm']:.3f}" if "kl_gen_ebm" in metrics else "")}
     if log_data is None:
         subtitles["generator q"] = ""
     im = None
@@ -87,8 +93,10 @@ def density_figure(bounds: Sequence[float], size: int, log_data: Tensor | None, 
                        cmap="magma", aspect="equal")
         ax.set_title(f"{name}\n{subtitles[name]}".rstrip(), fontsize=9)
     fig.colorbar(im, ax=list(axes), label="log density", shrink=0.9)
-    if title:
+    if title and "mass_gen" in metrics:
         fig.suptitle(f"{title}   (q integrates to {metrics['mass_gen']:.3f} on the grid)", fontsize=10)
+    elif title:
+        fig.suptitle(f"{title}   (the generator injects noise: no density q)", fontsize=10)
     return fig
 
 
@@ -101,8 +109,10 @@ class DensityPanel2D(EveryNSteps):
     the dynamics) and the EBM's ``exp(-E)/Z`` (``Z`` by quadrature on the grid). It logs the
     panel through ``log_image`` and the numbers of ``density_metrics`` as ``density/<name>``
     through every logger; the last ones stay in ``last_metrics``. Runs on global rank 0 with
-    the energy in eval mode. A generator that cannot be inverted (a gradient-descent step that
-    is not a contraction) is reported with a warning and that panel is skipped.
+    the energy in eval mode. A generator without a density (a noisy sampler such as Langevin,
+    MALA or DRL's recovery chain) leaves out the ``q`` panel and its numbers; one that cannot be
+    inverted (a gradient-descent step that is not a contraction) is reported with a warning and
+    that panel is skipped.
 
     Args:
         every_n_steps: period in training steps.
@@ -159,9 +169,14 @@ class DensityPanel2D(EveryNSteps):
         else:
             log_data = None
         with _eval_mode(pl_module):
-            log_gen = pl_module.generator_log_prob(points, trace=self.trace, num_probes=self.num_probes,
-                                                   batch_size=self.batch_size,
-                                                   generator=torch.Generator(pl_module.device).manual_seed(0))
+            try:
+                density.check_density(pl_module.sampler, pl_module.latent)
+            except ValueError:  # a noisy sampler (Langevin, MALA, DRL) or a latent without a density
+                log_gen = None
+            else:
+                log_gen = pl_module.generator_log_prob(points, trace=self.trace, num_probes=self.num_probes,
+                                                       batch_size=self.batch_size,
+                                                       generator=torch.Generator(pl_module.device).manual_seed(0))
             log_ebm = density.ebm_log_density(pl_module.energy, points, area)
         metrics = density_metrics(log_data, log_gen, log_ebm, area)
         fig = density_figure(bounds, self.grid_size, log_data, log_gen, log_ebm, metrics,

@@ -24,7 +24,7 @@ from lightning_ebm.callbacks.density import density_metrics
 from lightning_ebm.data import Toy2DDataModule
 from lightning_ebm.energies import MLPEnergy
 from lightning_ebm.latents import Gaussian
-from lightning_ebm.samplers import ODE, GradientDescent
+from lightning_ebm.samplers import ODE, GradientDescent, Langevin
 
 BOX = (-5.0, 5.0, -5.0, 5.0)
 
@@ -117,6 +117,20 @@ def test_density_panel_compute_without_datamodule_density(trained):
     assert metrics["mass_data"] == pytest.approx(1.0, abs=0.01)
     assert abs(metrics["tv_data_gen"] - exact["tv_data_gen"]) < 0.1  # a KDE of 4000 points
     assert metrics["kl_gen_ebm"] == exact["kl_gen_ebm"]
+
+
+def test_density_panel_with_a_noisy_sampler_compares_data_and_the_ebm_only(trained):
+    """Langevin has no generator density: the panel shows data | exp(-E)/Z with the same KL as with GD."""
+    model, datamodule = trained
+    panel = DensityPanel2D(bounds=BOX, grid_size=40)
+    trainer = types.SimpleNamespace(datamodule=datamodule, global_step=0)
+    _, deterministic = panel.compute(trainer, model)
+    noisy = copy.deepcopy(model)
+    noisy.sampler = Langevin(steps=5, step_size=0.05, noise_std=0.1)
+    fig, metrics = panel.compute(trainer, noisy)
+    assert set(metrics) == {"mass_data", "kl_data_ebm", "tv_data_ebm"}
+    assert metrics["kl_data_ebm"] == deterministic["kl_data_ebm"]  # the same energy, the same grid
+    assert len(fig.axes) == 3  # two panels and the colour bar
 
 
 def read_metrics(path) -> dict[str, list[float]]:

@@ -157,10 +157,17 @@ def evaluate_digits(run: base.Run, ais: dict) -> dict:
     model = _load(run)
     x = digits_held_out()
     out: dict = {"num_points": int(x.shape[0])}
-    result = model.estimate_log_partition(latent=Uniform((1, 8, 8), -1.0, 1.0),
-                                          generator=torch.Generator().manual_seed(0), **ais)
+    cube = Uniform((1, 8, 8), -1.0, 1.0)
+    # a convergence check first: half the annealing steps should give the same log Z within the error bars
+    half = model.estimate_log_partition(latent=cube, generator=torch.Generator().manual_seed(1),
+                                        **{**ais, "num_temps": ais["num_temps"] // 2})
+    out.update({"log_z_ais_half_temps": half.log_z, "log_z_stderr_half_temps": half.stderr})
+    result = model.estimate_log_partition(latent=cube, generator=torch.Generator().manual_seed(0), **ais)
     out.update({"log_z_ais": result.log_z, "log_z_stderr": result.stderr, "ais_ess": result.ess,
-                "ais_acceptance": result.acceptance, "ais_s": round(result.seconds, 1)})
+                "ais_acceptance": result.acceptance, "ais_s": round(result.seconds, 1),
+                "log_z_uniform": 64 * math.log(2.0),
+                "ais_acceptance_first_last": [float(result.acceptance_per_temp[0]),
+                                              float(result.acceptance_per_temp[-1])]})
     ebm = model.bits_per_dim(x, num_levels=DIGITS_LEVELS)
     out.update({"bpd_ebm": ebm.value, "bpd_ebm_stderr_data": ebm.stderr_data,
                 "bpd_ebm_stderr_log_z": ebm.stderr_log_z})

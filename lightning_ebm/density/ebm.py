@@ -234,8 +234,9 @@ def estimate_log_partition(
             (see ``ais_schedule``).
         batch_size: chains run at once (default: all); memory is that of one batch's update.
         generator: the random stream of every draw (``p0``, proposals, accept tests).
-        device, dtype: of the chains (default: the energy's parameters'); the weights are
-            accumulated in float64 whatever the dtype.
+        device: of the chains (default: the energy's parameters').
+        dtype: of the chains (default: the energy's parameters'); the weights are accumulated in
+            float64 whatever the dtype.
         progress: a tqdm bar over the annealing steps; ``None`` shows one on an interactive
             terminal for runs of more than 2000 steps in all.
 

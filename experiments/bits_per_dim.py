@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = digits_runs(0, args.digits_steps, args.extra)
         base.execute_all(runs, args.jobs)
         if not args.train_only:
-            ais = dict(num_chains=args.num_chains // 4, num_temps=args.num_temps * 2,
+            ais = dict(num_chains=args.num_chains // 4, num_temps=args.num_temps,
                        step_size=args.digits_step_size)
             report["digits"] = [{**r.labels, **_cached(r, lambda r: evaluate_digits(r, ais))} for r in runs]
     out.mkdir(parents=True, exist_ok=True)

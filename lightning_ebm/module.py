@@ -273,7 +273,7 @@ class EBM(L.LightningModule):
             result = density.estimate_log_partition(self.energy, latent, num_chains=num_chains,
                                                     num_temps=num_temps, transition=transition,
                                                     step_size=step_size, generator=generator,
-                                                    device=self.device, **kwargs)
+                                                    **{"device": self.device, **kwargs})
         finally:
             self.energy.train(was_training)
         self.log_z.fill_(result.log_z)

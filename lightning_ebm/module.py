@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import re
 import time
@@ -17,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from . import _config, _quiet_known_noise, density
-from ._checks import check_bool, check_float, check_int, check_type, fail
+from ._checks import check_bool, check_choice, check_float, check_int, check_type, fail
 from ._state import RunState
 from .energies import check_energy_output
 from .latents import Latent, PersistentLatent
@@ -30,6 +31,12 @@ __all__ = ["EBM"]
 
 _EVAL_SEED_OFFSET = 2_147_483_629  # validation draws its own stream, never the training one
 _OBJECTIVE_KEY = "lightning_ebm_objective"  # checkpoint key of the objective's own state (see Objective.state_dict)
+
+
+def _fill_missing_log_partition(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """A state dict from before ``log_z`` existed loads as "not estimated" (``log_z_stderr = inf``)."""
+    state_dict.setdefault(prefix + "log_z", torch.zeros((), dtype=torch.float64))
+    state_dict.setdefault(prefix + "log_z_stderr", torch.full((), math.inf, dtype=torch.float64))
 
 
 def _check_batch_size(method: str, batch_size: Any) -> None:
@@ -142,6 +149,7 @@ class EBM(L.LightningModule):
         self._run_state = RunState(self.rng_seed)
         self._val_batches: list[Tensor] = []
         self._last_step_time: float | None = None
+        self._init_log_partition()
 
     # ------------------------------------------------------------------ generator
     @property
@@ -237,6 +245,91 @@ class EBM(L.LightningModule):
         e = self.energy(x)
         check_energy_output(e, x)
         return e
+
+    # ------------------------------------------------------------------ the EBM's own density
+    def _init_log_partition(self) -> None:
+        """Buffers for ``log Z`` and its standard error, ``(0, inf)`` until estimated (an infinite error
+        bar: unknown; NaN would make equal models compare unequal): they travel in the ``state_dict``,
+        hence in checkpoints and ``save_pretrained``; state dicts written before they existed load as
+        not estimated."""
+        self.register_buffer("log_z", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("log_z_stderr", torch.full((), math.inf, dtype=torch.float64))
+        self.register_load_state_dict_pre_hook(_fill_missing_log_partition)
+
+    def estimate_log_partition(self, *, latent: Latent | None = None, num_chains: int = 256,
+                               num_temps: int = 1000, transition: str = "mala", step_size: Any = 0.05,
+                               generator: torch.Generator | None = None, **kwargs: Any) -> density.AISResult:
+        """Estimate ``log Z = log int exp(-E)`` by annealed importance sampling and store it (``log_z``,
+        ``log_z_stderr``), so that ``log_prob`` and ``bits_per_dim`` can use it.
+
+        ``latent`` is AIS's ``p0`` (default: the module's latent, or a ``ReplayBuffer``'s ``base``); a
+        ``Uniform`` box restricts ``Z`` to the box. The energy is evaluated in ``eval()`` mode. The
+        other arguments are those of ``lightning_ebm.density.estimate_log_partition``.
+        """
+        if latent is None:
+            latent = self.latent.base if isinstance(self.latent, PersistentLatent) else self.latent
+        was_training = self.energy.training
+        self.energy.eval()
+        try:
+            result = density.estimate_log_partition(self.energy, latent, num_chains=num_chains,
+                                                    num_temps=num_temps, transition=transition,
+                                                    step_size=step_size, generator=generator,
+                                                    **{"device": self.device, **kwargs})
+        finally:
+            self.energy.train(was_training)
+        self.log_z.fill_(result.log_z)
+        self.log_z_stderr.fill_(result.stderr)
+        return result
+
+    def _require_log_z(self, method: str) -> Tensor:
+        if not bool(torch.isfinite(self.log_z_stderr)):
+            raise RuntimeError(f"EBM.{method}: log Z has not been estimated (log_z_stderr is inf); call "
+                               "model.estimate_log_partition(...) first (it stores log_z and log_z_stderr, which "
+                               "checkpoints then carry)")
+        return self.log_z
+
+    @torch.no_grad()
+    def log_prob(self, x: Tensor, *, batch_size: int | None = None) -> Tensor:
+        """The EBM's own log-density ``-E(x) - log Z`` at ``x`` ``(B, *shape)``, float64 ``(B,)``.
+
+        Needs ``log Z`` (``estimate_log_partition``; a ``Uniform`` AIS latent makes this a density on
+        its box). The energy is read as it is (call ``eval()`` first if it has dropout).
+        """
+        _check_batch_size("log_prob", batch_size)
+        log_z = self._require_log_z("log_prob")
+        x = x.to(self.device)
+        chunks = [x] if batch_size is None else list(x.split(batch_size))
+        return torch.cat([-self(c).double() for c in chunks]) - log_z
+
+    def bits_per_dim(self, x: Tensor, *, which: str = "ebm", data_range: tuple[float, float] | None = (-1.0, 1.0),
+                     num_levels: int | None = None, batch_size: int | None = None,
+                     **generator_kwargs: Any) -> density.BitsPerDim:
+        """Held-out bits/dim ``-log p(x) / (D ln 2)`` under ``exp(-E)/Z`` (``which="ebm"``) or under the
+        generator's ``q`` (``which="generator"``, by ``generator_log_prob``; ``generator_kwargs`` go there).
+
+        With ``num_levels`` the data are discrete (``num_levels`` levels evenly spread over ``data_range``,
+        dequantised uniformly within a level) and the result is the dequantisation bound on the discrete
+        bits/dim: ``log p + D log((high - low) / num_levels)`` (``density.bits_per_dim``); without it,
+        continuous bits/dim (``data_range`` unused). ``stderr_log_z`` carries log Z's AIS error, common to
+        all points; ``stderr_data`` the points' sampling error.
+        """
+        check_choice("EBM.bits_per_dim", "which", which, ("ebm", "generator"))
+        num_dims = int(math.prod(x.shape[1:]))
+        if which == "ebm":
+            log_p = self.log_prob(x, batch_size=batch_size)
+            stderr_log_z = float(self.log_z_stderr) / (num_dims * math.log(2.0))
+        else:
+            log_p = self.generator_log_prob(x, batch_size=batch_size, **generator_kwargs).double()
+            stderr_log_z = 0.0
+        if num_levels is None:
+            bpd = -log_p / (num_dims * math.log(2.0))
+        else:
+            bpd = density.bits_per_dim(log_p, num_dims, data_range=data_range, num_levels=num_levels)
+        bpd = bpd.double().cpu()
+        n = bpd.numel()
+        stderr_data = float(bpd.std(correction=1) / math.sqrt(n)) if n > 1 else math.nan
+        return density.BitsPerDim(value=float(bpd.mean()), stderr_data=stderr_data, stderr_log_z=stderr_log_z,
+                                  per_example=bpd)
 
     # ------------------------------------------------------------------ checks
     def setup(self, stage: str) -> None:

@@ -8,6 +8,7 @@ from .fid import FIDCallback
 from .guard import DivergenceError, DivergenceGuard
 from .images import SampleGrid
 from .logging import log_image, run_dir
+from .mcmc import MCMCDiagnostic
 from .plots import Plot2D
 from .preemption import PreemptionCheckpoint
 
@@ -19,6 +20,7 @@ __all__ = [
     "EMA",
     "FIDCallback",
     "LongRunDiagnostic",
+    "MCMCDiagnostic",
     "Plot2D",
     "PreemptionCheckpoint",
     "SampleGrid",

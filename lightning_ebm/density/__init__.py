@@ -3,9 +3,11 @@
 * ``estimators``: traces and log-determinants of the energy's Hessian (exact, Hutchinson);
 * ``rules``: per-sampler change-of-variables rules, looked up by the sampler's type (``RULES``);
 * ``generator``: ``log q`` forward along the sampler's own dynamics and by inverting them;
-* ``grid``: 2-D grids, ``log Z`` by quadrature, KL / TV on a grid, histograms, KDE.
+* ``grid``: 2-D grids, ``log Z`` by quadrature, KL / TV on a grid, histograms, KDE;
+* ``ebm``: ``log Z`` in any dimension by annealed importance sampling (``estimate_log_partition``).
 """
 
+from .ebm import AISResult, BitsPerDim, ais_schedule, estimate_log_partition, log_mean_exp_stats
 from .estimators import (
     EXACT_TRACE_MAX_DIM,
     TRACE_METHODS,
@@ -57,4 +59,9 @@ __all__ = [
     "RULES",
     "rule_for",
     "log_partition_on_grid",
+    "estimate_log_partition",
+    "ais_schedule",
+    "log_mean_exp_stats",
+    "AISResult",
+    "BitsPerDim",
 ]

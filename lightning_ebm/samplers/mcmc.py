@@ -198,8 +198,13 @@ class HMC(_Metropolis):
         steps: number of HMC moves (including ``adapt_steps``).
         step_size: the leapfrog step size > 0.
         num_leapfrog: leapfrog steps per move (>= 1; 1 is MALA with a different scaling).
-        temperature, adapt_steps, target_acceptance, adapt_rate, grad_clip, compile, cuda_graph:
-            as in ``MALA`` (the default target is 0.65).
+        temperature: T > 0; the target is ``exp(-E/T)``.
+        adapt_steps: warm-up steps adapting each chain's step size (as in ``MALA``).
+        target_acceptance: in (0, 1); 0.65 by default.
+        adapt_rate: gain of the adaptation.
+        grad_clip: clip the force's gradient coordinates (the MH ratio keeps the chain exact).
+        compile: run each step through ``torch.compile``.
+        cuda_graph: on CUDA, replay the loop from a CUDA graph.
     """
 
     def __init__(self, steps: int, step_size: float, num_leapfrog: int = 10, temperature: float = 1.0,

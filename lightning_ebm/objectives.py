@@ -488,7 +488,9 @@ class JointEnergyModel(Objective):
     ``log p(x|y)`` with conditional negatives that follow ``-grad_x E(x, y)`` for the batch's
     classes (from the latent's chains of those classes when it keeps chains per class). With
     ``ml_weight = conditional_weight = 0`` it is a plain classifier trained by the same machinery
-    (the sampler does not run). Logs ``ce``, ``acc`` and the energy parts.
+    (the sampler does not run). Logs ``ce``, ``acc``, ``energy_data`` (``mean E(x)``) and the parts of
+    the terms that run (``energy_gen`` is ``mean E`` of the negatives, conditional ones when only
+    they run), so ``DivergenceGuard`` watches the energies of every variant.
 
     Args:
         ce_weight: weight of the cross-entropy.
@@ -548,11 +550,13 @@ class JointEnergyModel(Objective):
         y = check_labels(owner, step.labels, classes, x.shape[0], name="the batch's labels")
         logits = step.energy.logits(x)
         ce = nn.functional.cross_entropy(logits, y)
-        parts = {"ce": ce.detach(), "acc": (logits.detach().argmax(1) == y).to(x.dtype).mean()}
+        e_data = -torch.logsumexp(logits, dim=1)
+        parts = {"ce": ce.detach(), "acc": (logits.detach().argmax(1) == y).to(x.dtype).mean(),
+                 "energy_data": e_data.detach().mean()}
         loss = self.ce_weight * ce
         if self.ml_weight > 0:
             x_gen = step.negatives()
-            e_data, e_gen = -torch.logsumexp(logits, dim=1), step.energy_of(x_gen)
+            e_gen = step.energy_of(x_gen)
             gap, reg = e_data.mean() - e_gen.mean(), e_data.pow(2).mean() + e_gen.pow(2).mean()
             loss = loss + self.ml_weight * (gap + self.alpha * reg if self.alpha > 0 else gap)
             parts.update(energy_data=e_data.detach().mean(), energy_gen=e_gen.detach().mean(),
@@ -561,8 +565,9 @@ class JointEnergyModel(Objective):
             y_gen = y[torch.arange(step.num_negatives, device=y.device) % y.shape[0]]  # the data's class mix
             x_cond = step.negatives(y=y_gen)
             e_cond_data = -logits.gather(1, y.view(-1, 1)).squeeze(1)
-            e_cond_gen = step.energy(x_cond, y=y_gen)
-            check_energy_output(e_cond_gen, x_cond)
+            logits_gen = step.energy.logits(x_cond)
+            e_cond_gen = -logits_gen.gather(1, y_gen.view(-1, 1)).squeeze(1)
+            parts.setdefault("energy_gen", -torch.logsumexp(logits_gen.detach(), dim=1).mean())
             gap_c = e_cond_data.mean() - e_cond_gen.mean()
             reg_c = e_cond_data.pow(2).mean() + e_cond_gen.pow(2).mean()
             loss = loss + self.conditional_weight * (gap_c + self.alpha * reg_c if self.alpha > 0 else gap_c)

@@ -171,11 +171,12 @@ def ood_scores(pl_module: Any, x: Tensor, scores: Sequence[str] = OOD_SCORES, ba
 class OODDetection(L.Callback):
     """OOD AUROC of several scores, held-out data against OOD sets built offline from it.
 
-    Every ``every_n_validations``-th validation run (rank 0 computes, every rank logs the
-    values it receives... under DDP only rank 0's data are used), up to ``num_samples`` held-out
-    images (the validation batches) are scored against ``ood_sets`` of them (``sets``) and,
-    when ``other`` is given, the validation images of another DataModule (set ``other``).
-    Logs ``val/auroc/<set>/<score>`` and keeps them in ``last``.
+    Every ``every_n_validations``-th validation run (not the sanity check), up to
+    ``num_samples`` held-out images (the first validation batches of this rank) are scored against
+    ``ood_sets`` of them (``sets``) and, when ``other`` is given, the validation images of another
+    DataModule (set ``other``, e.g. MNIST against FashionMNIST). Logs ``val/auroc/<set>/<score>``
+    (rank 0's values under DDP) and keeps them in ``last``. With an ``EMA`` callback the averaged
+    weights are scored.
 
     Args:
         sets: which of ``OOD_SETS`` to build.

@@ -1,9 +1,10 @@
-"""configs/digits_jem.yaml end to end through the CLI, shortened to 600 steps, against the bars of issue 14.
+"""configs/digits_jem.yaml end to end through the CLI (1,200 steps, about 10 minutes on an idle 2-core
+machine) against the bars of issue 14.
 
-Measured (docs/guide/conditional.md) at 600 steps: held-out accuracy 0.97, OOD AUROC of -E(x) 1.00 against
-uniform noise, pixel-shuffled and inverted digits, digits FID 29 (configs/digits.yaml: 20.2 after
-1,800 steps, so the bar of 2x is 40.4), conditional samples classified as asked by the shipped digits
-feature network (trained on the training split only) 99 %.
+Measured (docs/guide/conditional.md): held-out accuracy 0.967, OOD AUROC of -E(x) 1.00 against uniform
+noise, pixel-shuffled and inverted digits, digits FID 20.6 (configs/digits.yaml: 20.2, so the bar of 2x
+is 40.4), conditional samples classified as asked by the shipped digits feature network (trained on the
+training split only) 99.6 %.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 def test_digits_jem_meets_the_bars(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-ebm"])
     config = yaml.safe_load((CONFIGS / "digits_jem.yaml").read_text())
-    config["trainer"].update(max_steps=600, val_check_interval=600, enable_progress_bar=False)
+    config["trainer"].update(enable_progress_bar=False)
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "runs")
     path = tmp_path / "digits_jem.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -36,7 +37,7 @@ def test_digits_jem_meets_the_bars(tmp_path, monkeypatch):
     (run,) = (tmp_path / "runs" / "digits_jem").glob("version_*")
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     val = {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/") and v}
-    assert val["val/acc"] >= 0.94
+    assert val["val/acc"] >= 0.95
     for ood in ("uniform", "shuffled"):
         assert val[f"val/auroc/{ood}/energy"] >= 0.95, ood
     assert val["val/fid"] <= 2 * 20.2

@@ -88,6 +88,6 @@ def test_digits_jem_config_runs(tmp_path):
         "conditional_samples_step0000002.png", "reliability_step0000002.png", "samples_step0000002.png"}
     header, *rows = (run / "metrics.csv").read_text().splitlines()
     columns = set(header.split(","))
-    assert {"train/ce", "train/acc", "train/energy_gap", "train/energy_cond_gap", "val/acc", "val/ece",
+    assert {"train/ce", "train/acc", "train/energy_gap", "train/energy_data", "val/acc", "val/ece",
             "val/auroc/uniform/energy", "val/auroc/shuffled/max_softmax", "val/auroc/inverted/grad_norm",
             "val/fid"} <= columns

@@ -153,12 +153,12 @@ def test_the_sampler_runs_if_and_only_if_negatives_are_needed(case):
 
 
 def test_all_randomness_comes_from_the_steps_stream(case):
-    state = torch.get_rng_state()
     losses = []
     for _ in range(2):
-        step, _ = make_step(objective_seed=3, case=case)
+        step, _ = make_step(objective_seed=3, case=case)  # seeds torch's global stream and builds the energy
+        state = torch.get_rng_state()
         losses.append(_build(*case)(step)[0])
-    assert torch.equal(torch.get_rng_state(), state)  # torch's global stream never touched...
+        assert torch.equal(torch.get_rng_state(), state)  # the objective never touches the global stream...
     assert torch.equal(losses[0], losses[1])  # ... and the step's stream decides everything
     other, _ = make_step(objective_seed=4, case=case)
     assert not torch.equal(_build(*case)(other)[0], losses[0])

@@ -86,10 +86,12 @@ class MLPEnergy(RecordInit, nn.Module):
             constant, which keeps the sampler's gradient field tame).
         num_levels: ``T`` noise levels to condition on (``forward(x, t)``, a learned embedding of
             the level added to the first hidden layer); ``None``/``0``: unconditional.
+        num_outputs: outputs of the last layer; ``1`` (default) is the energy ``(B,)``, more make
+            the network a backbone ``(B, num_outputs)`` for ``ClassifierEnergy`` (class logits).
     """
 
     def __init__(self, dim: int, hidden: int = 128, num_layers: int = 3, spectral_norm: bool = False,
-                 num_levels: int | None = None) -> None:
+                 num_levels: int | None = None, num_outputs: int = 1) -> None:
         super().__init__()
         dim = check_int("MLPEnergy", "dim", dim, minimum=1)
         hidden = check_int("MLPEnergy", "hidden", hidden, minimum=1)
@@ -100,7 +102,8 @@ class MLPEnergy(RecordInit, nn.Module):
         layers: list[nn.Module] = []
         for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
             layers += [_maybe_sn(nn.Linear(w_in, w_out), spectral_norm), nn.SiLU()]
-        layers.append(_maybe_sn(nn.Linear(widths[-1], 1), spectral_norm))
+        num_outputs = check_int("MLPEnergy", "num_outputs", num_outputs, minimum=1)
+        layers.append(_maybe_sn(nn.Linear(widths[-1], num_outputs), spectral_norm))
         self.net = nn.Sequential(*layers)
         self.level_embedding = _level_embedding("MLPEnergy", num_levels, hidden)
         self.num_levels = num_levels or None
@@ -168,6 +171,8 @@ class ConvEnergy(RecordInit, nn.Module):
         negative_slope: the LeakyReLU slope.
         num_levels: ``T`` noise levels to condition on (``forward(x, t)``, a learned per-level
             offset of the first convolution's channels); ``None``/``0``: unconditional.
+        num_outputs: output channels of the last convolution; ``1`` (default) is the energy
+            ``(B,)``, more make it a backbone ``(B, num_outputs)`` for ``ClassifierEnergy``.
     """
 
     def __init__(
@@ -179,6 +184,7 @@ class ConvEnergy(RecordInit, nn.Module):
         activation: str = "leaky_relu",
         negative_slope: float = 0.2,
         num_levels: int | None = None,
+        num_outputs: int = 1,
     ) -> None:
         super().__init__()
         in_channels = check_int("ConvEnergy", "in_channels", in_channels, minimum=1)
@@ -193,7 +199,8 @@ class ConvEnergy(RecordInit, nn.Module):
             out = width * 2 ** min(i + 1, 3)
             layers += [_maybe_sn(nn.Conv2d(channels, out, 4, 2, 1), spectral_norm), act()]
             h, w, channels, i = h // 2, w // 2, out, i + 1
-        layers.append(_maybe_sn(nn.Conv2d(channels, 1, (h, w), 1, 0), spectral_norm))
+        num_outputs = check_int("ConvEnergy", "num_outputs", num_outputs, minimum=1)
+        layers.append(_maybe_sn(nn.Conv2d(channels, num_outputs, (h, w), 1, 0), spectral_norm))
         self.net = nn.Sequential(*layers)
         self.level_embedding = _level_embedding("ConvEnergy", num_levels, width)
         self.num_levels = num_levels or None
@@ -238,6 +245,8 @@ class ResNetEnergy(RecordInit, nn.Module):
         negative_slope: the LeakyReLU slope.
         num_levels: ``T`` noise levels to condition on (``forward(x, t)``, a learned per-level
             offset of the first convolution's channels); ``None``/``0``: unconditional.
+        num_outputs: outputs of the final linear layer; ``1`` (default) is the energy ``(B,)``,
+            more make it a backbone ``(B, num_outputs)`` for ``ClassifierEnergy``.
     """
 
     def __init__(
@@ -249,6 +258,7 @@ class ResNetEnergy(RecordInit, nn.Module):
         activation: str = "silu",
         negative_slope: float = 0.2,
         num_levels: int | None = None,
+        num_outputs: int = 1,
     ) -> None:
         super().__init__()
         in_channels = check_int("ResNetEnergy", "in_channels", in_channels, minimum=1)
@@ -263,7 +273,8 @@ class ResNetEnergy(RecordInit, nn.Module):
             _ResBlock(c_in, c_out, spectral_norm, self.act)
             for c_in, c_out in zip(channels[:-1], channels[1:], strict=True)
         )
-        self.head = _maybe_sn(nn.Linear(channels[-1], 1), spectral_norm)
+        num_outputs = check_int("ResNetEnergy", "num_outputs", num_outputs, minimum=1)
+        self.head = _maybe_sn(nn.Linear(channels[-1], num_outputs), spectral_norm)
         self.level_embedding = _level_embedding("ResNetEnergy", num_levels, width)
         self.num_levels = num_levels or None
 
@@ -276,3 +287,116 @@ class ResNetEnergy(RecordInit, nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.head(self.act(h).sum(dim=(2, 3))).squeeze(-1)
+
+
+# ---------------------------------------------------------------------------------------- classes
+__all__ += ["ClassifierEnergy", "ConditionedEnergy", "energy_classes", "check_labels"]
+
+
+def energy_classes(energy: nn.Module) -> int | None:
+    """The number of classes a class-conditional energy takes (its ``num_classes``), ``None`` if it has none."""
+    classes = getattr(energy, "num_classes", None)
+    if classes is None or classes == 0:
+        return None
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 0:
+        raise ValueError(f"{type(energy).__name__}.num_classes must be a positive integer or None, got {classes!r}")
+    return classes
+
+
+def check_labels(owner: str, y: Tensor, num_classes: int, n: int | None = None, name: str = "y") -> Tensor:
+    """``y`` as a LongTensor ``(n,)`` of classes in ``[0, num_classes)``; a clear error otherwise (one sync)."""
+    if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or y.ndim != 1 \
+            or (n is not None and y.shape[0] != n):
+        shape = f"({n},)" if n is not None else "(B,)"
+        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, Tensor) else repr(y)
+        raise ValueError(f"{owner}: {name} must be an integer tensor of shape {shape} holding classes, got {got}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"{owner}: {name} holds labels in [{int(y.min())}, {int(y.max())}], but the energy has "
+                         f"num_classes={num_classes}: labels must be in [0, {num_classes - 1}]")
+    return y.long()
+
+
+class ClassifierEnergy(RecordInit, nn.Module):
+    """A classifier read as an energy (JEM, Grathwohl et al. 2020): ``E(x, y) = -f(x)[y]``,
+    ``E(x) = -logsumexp_y f(x)[y]``.
+
+    ``f`` is the ``backbone`` (``(B, *shape) -> (B, num_classes)`` logits), or the backbone's
+    features ``(B, feature_dim)`` followed by a linear head when ``feature_dim`` is given. Any
+    module works: the library energies with ``num_outputs=num_classes`` (``MLPEnergy``,
+    ``ConvEnergy``, ``ResNetEnergy``), a user's classifier, or a feature network.
+
+    It implements the class-conditional energy protocol, which a user's energy can implement too:
+
+    * an attribute ``num_classes`` (int ``C``; ``None`` for an unconditional energy), and
+    * ``forward(x, y=None)``: ``y`` a LongTensor ``(B,)`` of classes in ``[0, C)`` gives
+      ``E(x, y)``; ``y=None`` gives the marginal energy ``E(x)``, so the rest of the library (the
+      samplers, the density code, validation) sees ``E(x)`` through the plain ``energy(x)``;
+    * optionally ``logits(x)`` ``(B, C)``, with ``E(x, y) = -logits(x)[y]`` (classification).
+
+    ``p(y | x) = softmax(f(x))`` is the classifier; ``exp(-E(x)) / Z`` the density of ``x``.
+
+    Args:
+        backbone: the network giving logits (or features, with ``feature_dim``).
+        num_classes: ``C``.
+        feature_dim: the backbone's feature width; adds a ``Linear(feature_dim, num_classes)`` head.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, feature_dim: int | None = None) -> None:
+        super().__init__()
+        if not isinstance(backbone, nn.Module):
+            raise fail("ClassifierEnergy", "backbone", "an nn.Module mapping (B, *shape) to logits (B, C)", backbone)
+        self.num_classes = check_int("ClassifierEnergy", "num_classes", num_classes, minimum=1)
+        feature_dim = check_int("ClassifierEnergy", "feature_dim", feature_dim, minimum=1, allow_none=True)
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.head = nn.Linear(feature_dim, num_classes) if feature_dim is not None else None
+
+    def logits(self, x: Tensor) -> Tensor:
+        """Class logits ``f(x)``, ``(B, num_classes)``."""
+        f = self.backbone(x)
+        if self.head is not None:
+            f = self.head(f)
+        if f.shape != (x.shape[0], self.num_classes):
+            raise ValueError(f"ClassifierEnergy(num_classes={self.num_classes}): the backbone "
+                             f"{type(self.backbone).__name__} maps {tuple(x.shape)} to {tuple(f.shape)}, expected "
+                             f"({x.shape[0]}, {self.num_classes}) (give a library energy "
+                             f"num_outputs={self.num_classes}, or feature_dim for a feature network)")
+        return f
+
+    def forward(self, x: Tensor, y: Tensor | int | None = None) -> Tensor:
+        f = self.logits(x)
+        if y is None:
+            return -torch.logsumexp(f, dim=1)
+        if isinstance(y, int) and not isinstance(y, bool):
+            y = torch.full((x.shape[0],), y, dtype=torch.long, device=x.device)
+        if not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.is_floating_point():
+            raise ValueError(f"ClassifierEnergy: y must be an int or an integer tensor of shape ({x.shape[0]},), "
+                             f"got {getattr(y, 'dtype', type(y).__name__)} of shape {tuple(getattr(y, 'shape', ()))}")
+        return -f.gather(1, y.long().view(-1, 1).to(f.device)).squeeze(1)
+
+
+class ConditionedEnergy(nn.Module):
+    """``x -> energy(x, y=y)`` with the classes ``y`` bound: a class-conditional energy seen as a plain one.
+
+    Every sampler, backend and density rule takes it unchanged, so conditional sampling follows
+    ``-grad_x E(x, y)`` with no change to the sampler contract. ``y`` is a LongTensor ``(B,)``
+    matching the batch the sampler runs (or an int for all of it).
+    """
+
+    def __init__(self, energy: nn.Module, y: Tensor | int) -> None:
+        super().__init__()
+        classes = energy_classes(energy)
+        if classes is None:
+            raise ValueError(f"conditional sampling needs a class-conditional energy (an attribute num_classes and "
+                             f"forward(x, y)), but {type(energy).__name__} has no num_classes; wrap your network in "
+                             "lightning_ebm.energies.ClassifierEnergy")
+        self.energy = energy
+        self.num_classes = None  # it is the conditional energy of given classes: a plain energy now
+        self.y = y
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.y
+        if isinstance(y, Tensor) and y.shape != (x.shape[0],):
+            raise ValueError(f"ConditionedEnergy: {y.shape[0] if y.ndim else 0} labels bound but a batch of "
+                             f"{x.shape[0]} points given")
+        return self.energy(x, y=y)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ._checks import check_float, check_int, check_shape, check_type, fail
 from ._config import RecordInit
+from .energies import check_labels
 
 __all__ = ["Latent", "PersistentLatent", "Uniform", "Gaussian", "ReplayBuffer"]
 
@@ -164,9 +165,15 @@ class ReplayBuffer(PersistentLatent):
 
     A replay buffer has no density: the generator's distribution depends on the whole training
     history, so ``log_prob`` raises.
+
+    With ``num_classes = C`` the buffer keeps chains per class (as JEM does): slot block ``c``
+    (``capacity // C`` slots) holds the chains of class ``c``. ``draw(n, y=y)`` and
+    ``sample(n, y=y)`` start each chain from a slot of its own class ``y[i]``; without ``y`` they
+    use the whole buffer (the unconditional chains of ``E(x)``).
     """
 
-    def __init__(self, latent: Latent, capacity: int = 10000, reinit_prob: float = 0.05) -> None:
+    def __init__(self, latent: Latent, capacity: int = 10000, reinit_prob: float = 0.05,
+                 num_classes: int | None = None) -> None:
         super().__init__()
         check_type("ReplayBuffer", "latent", latent, Latent, "a Uniform, Gaussian or other non-buffer Latent")
         if isinstance(latent, PersistentLatent):
@@ -175,6 +182,10 @@ class ReplayBuffer(PersistentLatent):
         self.shape = latent.shape
         self.capacity = check_int("ReplayBuffer", "capacity", capacity, minimum=1)
         self.reinit_prob = check_float("ReplayBuffer", "reinit_prob", reinit_prob, minimum=0.0, maximum=1.0)
+        self.num_classes = check_int("ReplayBuffer", "num_classes", num_classes, minimum=1, allow_none=True)
+        if self.num_classes is not None and self.capacity < self.num_classes:
+            raise ValueError(f"ReplayBuffer: capacity={self.capacity} gives no slot to some of the "
+                             f"num_classes={self.num_classes} classes; use capacity >= {self.num_classes}")
         self.buffer: Tensor | None = None
 
     # ------------------------------------------------------------------ PersistentLatent
@@ -214,16 +225,32 @@ class ReplayBuffer(PersistentLatent):
             self.buffer = self.buffer.to(device)
         return self.buffer
 
-    def draw(self, n: int, *, generator=None, device=None, dtype=None) -> tuple[Tensor, Tensor]:
-        """Starting points ``(n, *shape)`` from ``n`` distinct slots, and the slot indices to ``push`` to."""
+    def _class_slots(self, n: int, y: Tensor, generator, device) -> Tensor:
+        """A random slot of class ``y[i]``'s block for each of the ``n`` chains."""
+        if self.num_classes is None:
+            raise ValueError("ReplayBuffer: conditional draws (y=...) need a buffer with chains per class; build it "
+                             "with num_classes=C")
+        y = check_labels("ReplayBuffer", y, self.num_classes, n).to(device)
+        per_class = self.capacity // self.num_classes
+        offset = torch.randint(0, per_class, (n,), generator=generator, device=device)
+        return y * per_class + offset
+
+    def draw(self, n: int, *, generator=None, device=None, dtype=None,
+             y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Starting points ``(n, *shape)`` from ``n`` distinct slots (of classes ``y`` when given: see the
+        class docstring), and the slot indices to ``push`` to."""
         self._check_n(n)
         self.check_batch_size(n)
         buf = self._ensure_buffer(generator, device, dtype)
-        idx = torch.randperm(self.capacity, generator=generator, device=buf.device)[:n]
+        if y is not None:
+            idx = self._class_slots(n, y, generator, buf.device)
+        else:
+            idx = torch.randperm(self.capacity, generator=generator, device=buf.device)[:n]
         return self._start_from(idx, generator, dtype), idx
 
-    def sample(self, n, *, generator=None, device=None, dtype=None) -> Tensor:
-        """``n`` starting points from random slots (with replacement, so any ``n``), for evaluation.
+    def sample(self, n, *, generator=None, device=None, dtype=None, y: Tensor | None = None) -> Tensor:
+        """``n`` starting points from random slots (with replacement, so any ``n``), for evaluation;
+        from slots of the classes ``y`` ``(n,)`` when given (a buffer with ``num_classes``).
 
         Training uses ``draw``/``push``; ``sample`` never writes to the buffer. Before the first
         training step the buffer is empty and the points come straight from the wrapped latent
@@ -231,10 +258,15 @@ class ReplayBuffer(PersistentLatent):
         fix the buffer's contents or its device and dtype.
         """
         self._check_n(n)
+        if y is not None and self.num_classes is None:
+            self._class_slots(n, y, generator, device)  # raises: no chains per class
         if self.buffer is None:
             return self.latent.sample(n, generator=generator, device=device, dtype=dtype)
         buf = self._ensure_buffer(generator, device, dtype)
-        idx = torch.randint(0, self.capacity, (n,), generator=generator, device=buf.device)
+        if y is not None:
+            idx = self._class_slots(n, y, generator, buf.device)
+        else:
+            idx = torch.randint(0, self.capacity, (n,), generator=generator, device=buf.device)
         return self._start_from(idx, generator, dtype)
 
     def _start_from(self, idx: Tensor, generator, dtype) -> Tensor:
@@ -280,4 +312,5 @@ class ReplayBuffer(PersistentLatent):
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
-        return f"capacity={self.capacity}, reinit_prob={self.reinit_prob}"
+        classes = "" if self.num_classes is None else f", num_classes={self.num_classes}"
+        return f"capacity={self.capacity}, reinit_prob={self.reinit_prob}{classes}"

@@ -231,3 +231,63 @@ class InceptionFeatures(torch.nn.Module):
     def head(self, features: Tensor) -> Tensor:
         """The unbiased class logits ``(B, 1008)`` from pool features (Inception Score)."""
         return features @ self.net.fc.weight.T.to(features.dtype)
+
+
+# ------------------------------------------------------------------------ classifiers and OOD detection
+__all__ += ["auroc", "expected_calibration_error", "reliability_bins"]
+
+
+def auroc(scores_in: Tensor, scores_out: Tensor) -> Tensor:
+    """Area under the ROC curve of telling ``scores_in`` (positives) from ``scores_out`` by their value.
+
+    The probability that a random in-distribution score exceeds a random out-of-distribution one,
+    ties counting one half (the Mann-Whitney U statistic over ``n_in * n_out``): 1 separates
+    perfectly, 0.5 is chance. Higher scores must mean "in distribution". Float64.
+    """
+    for name, s in (("scores_in", scores_in), ("scores_out", scores_out)):
+        if not isinstance(s, Tensor) or s.ndim != 1 or s.numel() < 1 or s.is_complex():
+            raise fail("auroc", name, "a non-empty 1-D tensor of scores", getattr(s, "shape", s))
+    pos, neg = scores_in.detach().double().cpu(), scores_out.detach().double().cpu()
+    if not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):
+        raise ValueError("auroc: the scores must be finite (NaN or Inf found)")
+    neg = neg.sort().values
+    below = torch.searchsorted(neg, pos, right=False).double()
+    ties = torch.searchsorted(neg, pos, right=True).double() - below
+    return (below + 0.5 * ties).sum() / (pos.numel() * neg.numel())
+
+
+def _check_probs(owner: str, probs: Tensor, labels: Tensor) -> None:
+    if not isinstance(probs, Tensor) or probs.ndim != 2 or probs.shape[0] < 1:
+        raise fail(owner, "probs", "class probabilities (N, C)", getattr(probs, "shape", probs))
+    if not isinstance(labels, Tensor) or labels.shape != (probs.shape[0],) or labels.is_floating_point():
+        raise fail(owner, "labels", f"an integer tensor ({probs.shape[0]},)", getattr(labels, "shape", labels))
+
+
+def reliability_bins(probs: Tensor, labels: Tensor, num_bins: int = 15) -> tuple[Tensor, Tensor, Tensor]:
+    """Per confidence bin: mean confidence, accuracy and count (``(num_bins,)`` each, float64).
+
+    The confidence of a prediction is its top probability; bin ``b`` holds confidences in
+    ``(b / num_bins, (b + 1) / num_bins]`` (the first also 0). Empty bins have confidence and
+    accuracy 0 and count 0.
+    """
+    _check_probs("reliability_bins", probs, labels)
+    num_bins = check_int("reliability_bins", "num_bins", num_bins, minimum=1)
+    probs = probs.detach().double().cpu()
+    conf, pred = probs.max(1)
+    correct = (pred == labels.detach().cpu()).double()
+    b = (conf * num_bins).ceil().long().clamp(1, num_bins) - 1
+    count = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, b, torch.ones_like(conf))
+    conf_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, b, conf)
+    acc_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, b, correct)
+    safe = count.clamp_min(1)
+    return conf_sum / safe, acc_sum / safe, count
+
+
+def expected_calibration_error(probs: Tensor, labels: Tensor, num_bins: int = 15) -> Tensor:
+    """``ECE = sum_b (n_b / N) |accuracy_b - confidence_b|`` over equal-width confidence bins.
+
+    ``probs`` ``(N, C)`` are predicted class probabilities (softmax of the logits), ``labels``
+    ``(N,)`` the true classes; the bins are ``reliability_bins``'. 0 is perfectly calibrated.
+    """
+    conf, acc, count = reliability_bins(probs, labels, num_bins)
+    return (count / count.sum() * (acc - conf).abs()).sum()

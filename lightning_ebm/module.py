@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import _config, _quiet_known_noise, density
 from ._checks import check_bool, check_choice, check_float, check_int, check_type, fail
 from ._state import RunState
-from .energies import check_energy_output
+from .energies import ConditionedEnergy, check_energy_output, check_labels, energy_classes
 from .latents import Latent, PersistentLatent
 from .metrics import mmd_rbf, sliced_wasserstein
 from .objectives import MaximumLikelihood, Objective, TrainingStep, generator_loss
@@ -174,6 +174,7 @@ class EBM(L.LightningModule):
         trace: str | None = None,
         num_probes: int = 1,
         series_terms: int = 16,
+        y: Tensor | int | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """``n`` samples of the generator ``G(z)``, ``z ~ latent`` (or the given ``z``), detached.
 
@@ -190,28 +191,62 @@ class EBM(L.LightningModule):
                 ``"exact"``, ``"hutchinson"``, or ``None`` (by dimension).
             num_probes: Rademacher probes per sample for ``trace="hutchinson"``.
             series_terms: terms of the log-det power series (Hutchinson, gradient descent).
+            y: classes to generate (a class-conditional energy, ``energies.ClassifierEnergy``): an
+                int for all ``n`` samples or a LongTensor ``(n,)``; the dynamics then follow
+                ``-grad_x E(x, y)``, from the latent's chains of those classes when it keeps chains
+                per class (``ReplayBuffer(num_classes=...)``).
         """
         _check_batch_size("generate", batch_size)
+        if y is not None:
+            y = self._generation_classes(y, n if z is None else z.shape[0])
         if return_log_prob:  # fail before drawing anything
             density.check_density(self.sampler, self.latent)
             if return_trajectory:
                 raise ValueError("generate: return_log_prob and return_trajectory cannot be combined")
         if z is None:
-            z = self.latent.sample(n, generator=generator, device=self.device, dtype=self.dtype)
+            by_class = {"y": y} if y is not None and getattr(self.latent, "num_classes", None) else {}
+            z = self.latent.sample(n, generator=generator, device=self.device, dtype=self.dtype, **by_class)
         else:
             z = z.to(self.device)
         z = self._memory_format(z)
         chunks = [z] if batch_size is None else list(z.split(batch_size))
+        ys = [None] * len(chunks) if y is None else list(y.split(chunks[0].shape[0]))
+        energies = [self.energy if c is None else ConditionedEnergy(self.energy, c) for c in ys]
         if return_log_prob:
-            pairs = [density.sample_with_log_prob(self.energy, self.sampler, self.latent, c, trace=trace,
+            pairs = [density.sample_with_log_prob(e, self.sampler, self.latent, c, trace=trace,
                                                   num_probes=num_probes, series_terms=series_terms,
-                                                  generator=generator) for c in chunks]
+                                                  generator=generator) for e, c in zip(energies, chunks, strict=True)]
             return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-        outs = [self.sampler(self.energy, c, generator=generator, return_trajectory=return_trajectory)
-                for c in chunks]
+        outs = [self.sampler(e, c, generator=generator, return_trajectory=return_trajectory)
+                for e, c in zip(energies, chunks, strict=True)]
         if return_trajectory:
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs], dim=1)
         return torch.cat(outs)
+
+    def _generation_classes(self, y: Tensor | int, n: int) -> Tensor:
+        """``y`` of ``generate`` as a LongTensor ``(n,)`` on the module's device, checked against the energy."""
+        classes = energy_classes(self.energy)
+        if classes is None:
+            raise ValueError(f"EBM.generate: y={y!r} asks for conditional samples, but the energy "
+                             f"{type(self.energy).__name__} is not class-conditional (no num_classes); wrap it in "
+                             "lightning_ebm.energies.ClassifierEnergy")
+        if isinstance(y, int) and not isinstance(y, bool):
+            y = torch.full((n,), y, dtype=torch.long)
+        return check_labels("EBM.generate", y, classes, n).to(self.device)
+
+    @torch.no_grad()
+    def logits(self, x: Tensor) -> Tensor:
+        """Class logits ``f(x)`` ``(B, C)`` of a classifier energy (``energies.ClassifierEnergy``)."""
+        logits = getattr(self.energy, "logits", None)
+        if not callable(logits):
+            raise ValueError(f"EBM.logits needs a classifier energy with logits(x) (energies.ClassifierEnergy); "
+                             f"{type(self.energy).__name__} has none")
+        return logits(x.to(self.device))
+
+    @torch.no_grad()
+    def classify(self, x: Tensor) -> Tensor:
+        """The most probable class ``argmax_y p(y | x)`` ``(B,)`` of a classifier energy."""
+        return self.logits(x).argmax(1)
 
     @torch.no_grad()
     def generator_log_prob(
@@ -346,6 +381,9 @@ class EBM(L.LightningModule):
         draws = self.objective.needs_negatives and isinstance(batch_size, int)
         self._run_state.prepare(self, batch_size if draws else None)
         self.objective.check(self.energy, self.sampler)
+        check_data = getattr(self.objective, "check_data", None)  # objectives that need labelled data
+        if callable(check_data):
+            check_data(self.energy, datamodule)
         self.sampler.check_energy(self.energy)
         self._dry_run()
 
@@ -377,6 +415,16 @@ class EBM(L.LightningModule):
             )
         return self._memory_format(x)
 
+    @staticmethod
+    def _labels(batch: Any, x: Tensor) -> Tensor | None:
+        """The labels ``y`` of an ``(x, y)`` batch (an integer tensor ``(B,)``), ``None`` for unlabelled batches."""
+        if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+            return None
+        y = batch[1]
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.shape != (x.shape[0],):
+            return None
+        return y.to(x.device)
+
     def _memory_format(self, x: Tensor) -> Tensor:
         """``x`` in the channels-last memory format if ``channels_last`` is set (no copy if it already is)."""
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
@@ -397,7 +445,8 @@ class EBM(L.LightningModule):
         x_data = self._data(batch, batch_idx, "training")
         n = self.num_negatives or x_data.shape[0]
         step = TrainingStep(self.energy, self.sampler, self.latent, self.rng, x_data, n,
-                            data_noise=self.data_noise, memory_format=self._memory_format)
+                            data_noise=self.data_noise, memory_format=self._memory_format,
+                            labels=self._labels(batch, x_data))
         loss, parts = self.objective(step)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, sync_dist=True)
@@ -437,6 +486,9 @@ class EBM(L.LightningModule):
         self._val_batches.append(x)
         with torch.no_grad():
             self.log("val/energy_data", self(x).mean(), sync_dist=True)
+            y = self._labels(batch, x)
+            if y is not None and callable(getattr(self.energy, "logits", None)):  # a classifier energy
+                self.log("val/acc", (self.energy.logits(x).argmax(1) == y).float().mean(), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_batches:

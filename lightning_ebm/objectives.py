@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ._checks import ArgumentError, check_bool, check_choice, check_float, check_int, check_type
 from ._config import RecordInit
-from .energies import check_energy_output
+from .energies import ConditionedEnergy, check_energy_output, check_labels, energy_classes
 from .latents import Gaussian, Latent, PersistentLatent
 from .samplers import DiffusionRecovery, Sampler
 from .samplers.recovery import check_conditioned
@@ -43,6 +43,7 @@ __all__ = [
     "ExactScoreMatching",
     "NoiseContrastiveEstimation",
     "DiffusionRecoveryLikelihood",
+    "JointEnergyModel",
 ]
 
 
@@ -62,6 +63,8 @@ class TrainingStep:
         memory_format: puts a tensor in the module's memory format (channels-last or not).
         generated: the detached negatives of the last ``negatives`` call, ``None`` if the sampler
             did not run (the module logs the sampler's telemetry only then).
+        labels: the batch's class labels ``(B,)`` (int64) when the data are labelled ``(x, y)``,
+            else ``None``.
     """
 
     energy: nn.Module
@@ -73,6 +76,7 @@ class TrainingStep:
     data_noise: float = 0.0
     memory_format: Callable[[Tensor], Tensor] = field(default=lambda x: x)
     generated: Tensor | None = None
+    labels: Tensor | None = None
 
     def energy_of(self, x: Tensor) -> Tensor:
         """``E(x)``, shape ``(B,)`` (checked)."""
@@ -80,23 +84,28 @@ class TrainingStep:
         check_energy_output(e, x)
         return e
 
-    def negatives(self, differentiable_steps: int = 0) -> Tensor:
+    def negatives(self, differentiable_steps: int = 0, y: Tensor | None = None) -> Tensor:
         """``num_negatives`` generator samples ``G(z)``, ``z ~ latent``, drawn on ``rng``.
 
         Detached unless ``differentiable_steps > 0``: then the graph of the last that many steps
-        is kept (see ``Sampler.__call__``). A persistent latent gets the end points back.
+        is kept (see ``Sampler.__call__``). A persistent latent gets the end points back. With
+        classes ``y`` ``(n,)`` (a class-conditional energy) the dynamics follow ``-grad_x E(x, y)``
+        and ``n = len(y)``; a latent with chains per class (``num_classes``) starts each chain from
+        its own class's chains.
         """
-        like, n = self.data, self.num_negatives
+        like, n = self.data, self.num_negatives if y is None else y.shape[0]
+        energy = self.energy if y is None else ConditionedEnergy(self.energy, y)
         slots = None
         if isinstance(self.latent, PersistentLatent):
-            z, slots = self.latent.draw(n, generator=self.rng, device=like.device, dtype=like.dtype)
+            by_class = {"y": y} if y is not None and getattr(self.latent, "num_classes", None) else {}
+            z, slots = self.latent.draw(n, generator=self.rng, device=like.device, dtype=like.dtype, **by_class)
         else:
             z = self.latent.sample(n, generator=self.rng, device=like.device, dtype=like.dtype)
         z = self.memory_format(z)
         if differentiable_steps > 0:
-            x = self.sampler(self.energy, z, generator=self.rng, differentiable_steps=differentiable_steps)
+            x = self.sampler(energy, z, generator=self.rng, differentiable_steps=differentiable_steps)
         else:
-            x = self.sampler(self.energy, z, generator=self.rng)
+            x = self.sampler(energy, z, generator=self.rng)
         self.generated = x.detach()
         if slots is not None:
             self.latent.push(self.generated, slots)
@@ -554,3 +563,109 @@ class DiffusionRecoveryLikelihood(Objective):
         recovery_mse = _sum_over_sample((x_neg - x_t).pow(2)).mean() / x_t[0].numel()
         return loss, {"energy_data": e_pos.detach().mean(), "energy_gen": e_neg.detach().mean(),
                       "energy_gap": gap.detach(), "energy_reg": reg.detach(), "recovery_mse": recovery_mse.detach()}
+
+
+# ---------------------------------------------------------------------------------------- JEM
+class JointEnergyModel(Objective):
+    """JEM (Grathwohl et al. 2020): a classifier trained as a classifier and as an EBM at once.
+
+    The energy is a classifier read as an energy (``energies.ClassifierEnergy`` or any energy of
+    the class-conditional protocol with ``logits``): ``E(x, y) = -f(x)[y]``,
+    ``E(x) = -logsumexp_y f(x)[y]``. The loss is
+
+        ``ce_weight * CE(f(x), y)``
+        ``+ ml_weight * (mean E(x) - mean E(sg(x_gen)) + alpha * (mean E(x)^2 + mean E(x_gen)^2))``
+        ``+ conditional_weight * (mean E(x, y) - mean E(sg(x_gen|y), y))``
+
+    on labelled batches ``(x, y)``: the cross-entropy of ``p(y|x)``, the maximum-likelihood
+    (self-adversarial critic) term of ``log p(x)`` with negatives ``x_gen`` from the module's
+    sampler and latent (SGLD from a replay buffer, as in the paper), and optionally the term of
+    ``log p(x|y)`` with conditional negatives that follow ``-grad_x E(x, y)`` for the batch's
+    classes (from the latent's chains of those classes when it keeps chains per class). With
+    ``ml_weight = conditional_weight = 0`` it is a plain classifier trained by the same machinery
+    (the sampler does not run). Logs ``ce``, ``acc``, ``energy_data`` (``mean E(x)``) and the parts of
+    the terms that run (``energy_gen`` is ``mean E`` of the negatives, conditional ones when only
+    they run), so ``DivergenceGuard`` watches the energies of every variant.
+
+    Args:
+        ce_weight: weight of the cross-entropy.
+        ml_weight: weight of the ``log p(x)`` term (1 in the paper).
+        conditional_weight: weight of the ``log p(x|y)`` term (0: none).
+        alpha: weight of the energy-magnitude regulariser of the generative terms.
+    """
+
+    def __init__(self, ce_weight: float = 1.0, ml_weight: float = 1.0, conditional_weight: float = 0.0,
+                 alpha: float = 0.0) -> None:
+        owner = type(self).__name__
+        self.ce_weight = check_float(owner, "ce_weight", ce_weight, minimum=0)
+        self.ml_weight = check_float(owner, "ml_weight", ml_weight, minimum=0)
+        self.conditional_weight = check_float(owner, "conditional_weight", conditional_weight, minimum=0)
+        self.alpha = check_float(owner, "alpha", alpha, minimum=0)
+        if self.ce_weight == self.ml_weight == self.conditional_weight == 0:
+            raise ArgumentError(f"{owner}: ce_weight, ml_weight and conditional_weight are all 0: nothing to train")
+        self.needs_negatives = self.ml_weight > 0 or self.conditional_weight > 0
+
+    #: trains on labelled batches ``(x, y)``
+    needs_labels = True
+
+    def _classes(self, energy: nn.Module) -> int:
+        owner = type(self).__name__
+        classes = energy_classes(energy)
+        if classes is None or not callable(getattr(energy, "logits", None)):
+            raise ArgumentError(f"{owner} needs a classifier energy (num_classes, logits(x), forward(x, y)); "
+                                f"{type(energy).__name__} has {'no num_classes' if classes is None else 'no logits'}: "
+                                "wrap the network in lightning_ebm.energies.ClassifierEnergy(backbone, num_classes)")
+        return classes
+
+    def check(self, energy: nn.Module, sampler: Sampler) -> None:
+        """The energy must be a classifier energy (``num_classes``, ``logits``)."""
+        self._classes(energy)
+
+    def check_data(self, energy: nn.Module, datamodule: object) -> None:
+        """The DataModule (when there is one) must yield labels of at most the energy's classes."""
+        if datamodule is None:
+            return
+        owner, classes = type(self).__name__, self._classes(energy)
+        if getattr(datamodule, "labels", True) is False:
+            raise ValueError(f"{owner} trains on labelled batches (x, y), but {type(datamodule).__name__} yields "
+                             "no labels: set labels: true on the DataModule")
+        data_classes = getattr(datamodule, "num_classes", None)
+        if isinstance(data_classes, int) and data_classes > classes:
+            raise ValueError(f"{owner}: {type(datamodule).__name__} has num_classes={data_classes} but the energy "
+                             f"has num_classes={classes}; labels would be out of range: give the energy "
+                             f"num_classes={data_classes}")
+
+    def __call__(self, step: TrainingStep) -> tuple[Tensor, dict[str, Tensor]]:
+        owner = type(self).__name__
+        classes = self._classes(step.energy)
+        if step.labels is None:
+            raise ValueError(f"{owner} trains on labelled batches (x, y) but got unlabelled data; set labels: true on "
+                             "the DataModule (or give (x, y) batches with y an integer tensor (B,))")
+        x = step.jittered_data()
+        y = check_labels(owner, step.labels, classes, x.shape[0], name="the batch's labels")
+        logits = step.energy.logits(x)
+        ce = nn.functional.cross_entropy(logits, y)
+        e_data = -torch.logsumexp(logits, dim=1)
+        parts = {"ce": ce.detach(), "acc": (logits.detach().argmax(1) == y).to(x.dtype).mean(),
+                 "energy_data": e_data.detach().mean()}
+        loss = self.ce_weight * ce
+        if self.ml_weight > 0:
+            x_gen = step.negatives()
+            e_gen = step.energy_of(x_gen)
+            gap, reg = e_data.mean() - e_gen.mean(), e_data.pow(2).mean() + e_gen.pow(2).mean()
+            loss = loss + self.ml_weight * (gap + self.alpha * reg if self.alpha > 0 else gap)
+            parts.update(energy_data=e_data.detach().mean(), energy_gen=e_gen.detach().mean(),
+                         energy_gap=gap.detach(), energy_reg=reg.detach())
+        if self.conditional_weight > 0:
+            y_gen = y[torch.arange(step.num_negatives, device=y.device) % y.shape[0]]  # the data's class mix
+            x_cond = step.negatives(y=y_gen)
+            e_cond_data = -logits.gather(1, y.view(-1, 1)).squeeze(1)
+            logits_gen = step.energy.logits(x_cond)
+            e_cond_gen = -logits_gen.gather(1, y_gen.view(-1, 1)).squeeze(1)
+            parts.setdefault("energy_gen", -torch.logsumexp(logits_gen.detach(), dim=1).mean())
+            gap_c = e_cond_data.mean() - e_cond_gen.mean()
+            reg_c = e_cond_data.pow(2).mean() + e_cond_gen.pow(2).mean()
+            loss = loss + self.conditional_weight * (gap_c + self.alpha * reg_c if self.alpha > 0 else gap_c)
+            parts.update(energy_cond_data=e_cond_data.detach().mean(), energy_cond_gen=e_cond_gen.detach().mean(),
+                         energy_cond_gap=gap_c.detach())
+        return loss, parts

@@ -2,6 +2,7 @@
 weight averaging, and reliability (divergence guard, crash-safe checkpoint writing)."""
 
 from .checkpoint import AtomicCheckpointIO
+from .classifier import ClassifierMetrics, ConditionalSampleGrid, OODDetection
 from .density import DensityPanel2D, LongRunDiagnostic
 from .ema import EMA
 from .fid import FIDCallback
@@ -14,6 +15,8 @@ from .preemption import PreemptionCheckpoint
 
 __all__ = [
     "AtomicCheckpointIO",
+    "ClassifierMetrics",
+    "ConditionalSampleGrid",
     "DensityPanel2D",
     "DivergenceError",
     "DivergenceGuard",
@@ -21,6 +24,7 @@ __all__ = [
     "FIDCallback",
     "LongRunDiagnostic",
     "MCMCDiagnostic",
+    "OODDetection",
     "Plot2D",
     "PreemptionCheckpoint",
     "SampleGrid",

@@ -77,24 +77,28 @@ def digits_to_images(
 class _DigitImages(Dataset):
     """Digits as ``(1, S, S)`` images; dequantised afresh at every access when asked."""
 
-    def __init__(self, pixels: Tensor, image_size: int, resize_mode: str, dequantize: bool) -> None:
-        self.pixels, self.image_size, self.resize_mode = pixels, image_size, resize_mode
+    def __init__(self, pixels: Tensor, image_size: int, resize_mode: str, dequantize: bool,
+                 labels: Tensor | None = None) -> None:
+        self.pixels, self.image_size, self.resize_mode, self.labels = pixels, image_size, resize_mode, labels
         self.fixed = None if dequantize else digits_to_images(pixels, image_size, resize_mode)
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
-    def __getitem__(self, i: int) -> Tensor:
+    def __getitem__(self, i: int) -> Tensor | tuple[Tensor, Tensor]:
         if self.fixed is not None:
-            return self.fixed[i]
-        p = self.pixels[i : i + 1]
-        return digits_to_images(p, self.image_size, self.resize_mode, torch.rand(p.shape))[0]
+            x = self.fixed[i]
+        else:
+            p = self.pixels[i : i + 1]
+            x = digits_to_images(p, self.image_size, self.resize_mode, torch.rand(p.shape))[0]
+        return x if self.labels is None else (x, self.labels[i])
 
 
 class DigitsDataModule(L.LightningDataModule):
     """The embedded 8x8 digits, scaled to [-1, 1], padded or resized to ``image_size``.
 
-    Batches are image tensors ``(B, 1, S, S)`` (no labels). The split is a seeded random one
+    Batches are image tensors ``(B, 1, S, S)``, or ``(x, y)`` with the digit classes ``y``
+    (int64, 0..9) when ``labels=True`` (``num_classes`` is then 10). The split is a seeded random one
     (``digits_split``); validation and test use the held-out part, never dequantised.
 
     Args:
@@ -107,6 +111,7 @@ class DigitsDataModule(L.LightningDataModule):
         dequantize: add uniform noise within each grey level to training images.
         num_workers: DataLoader workers.
         pin_memory: DataLoader ``pin_memory``.
+        labels: yield ``(x, y)`` batches with the digit classes (the images are the same).
     """
 
     def __init__(
@@ -119,8 +124,12 @@ class DigitsDataModule(L.LightningDataModule):
         dequantize: bool = False,
         num_workers: int = 0,
         pin_memory: bool = False,
+        labels: bool = False,
     ) -> None:
         super().__init__()
+        labels = check_bool("DigitsDataModule", "labels", labels)
+        self.labels = labels
+        self.num_classes = 10 if labels else None
         check_choice("DigitsDataModule", "resize_mode", resize_mode, RESIZE_MODES)
         image_size = check_int("DigitsDataModule", "image_size", image_size, minimum=8)
         batch_size = check_int("DigitsDataModule", "batch_size", batch_size, minimum=1)
@@ -155,12 +164,15 @@ class DigitsDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        images = _DigitImages(self.train_pixels, self.image_size, self.resize_mode, self.dequantize)
+        images = _DigitImages(self.train_pixels, self.image_size, self.resize_mode, self.dequantize,
+                              self.train_labels if self.labels else None)
         return self._loader(images, True)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(_DigitImages(self.val_pixels, self.image_size, self.resize_mode, False), False)
+        images = _DigitImages(self.val_pixels, self.image_size, self.resize_mode, False,
+                              self.val_labels if self.labels else None)
+        return self._loader(images, False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -12,10 +12,11 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from .._checks import check_choice, check_int, fail
+from .._checks import check_bool, check_choice, check_int, fail
 from ..density.grid import histogram_2d, histogram_lookup
 
-__all__ = ["TOY_DATASETS", "TOY_LOG_DENSITIES", "sample_toy", "toy_log_density", "Toy2DDataModule",
+__all__ = ["TOY_DATASETS", "TOY_LABELLED", "TOY_LOG_DENSITIES", "sample_toy", "sample_toy_labelled", "toy_log_density",
+           "Toy2DDataModule",
            "ToyBatchStream"]
 
 
@@ -27,18 +28,19 @@ def _randn(n, g, *shape):
     return torch.randn((n, *shape), generator=g, dtype=torch.float64)
 
 
-def _eight_gaussians(n: int, g: torch.Generator) -> Tensor:
+def _eight_gaussians_labelled(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     k = torch.randint(0, 8, (n,), generator=g)
     angle = k.double() * (math.pi / 4)
     centres = 2.0 * math.sqrt(2.0) * torch.stack([angle.cos(), angle.sin()], 1)
-    return centres + (0.5 / math.sqrt(2.0)) * _randn(n, g, 2)
+    return centres + (0.5 / math.sqrt(2.0)) * _randn(n, g, 2), k
 
 
-def _two_spirals(n: int, g: torch.Generator) -> Tensor:
+def _two_spirals_labelled(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     t = _rand(n, g).sqrt() * 3 * math.pi
-    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    lower = torch.rand(n, generator=g) < 0.5
+    sign = torch.where(lower, -1.0, 1.0).double()
     xy = torch.stack([-t.cos() * t, t.sin() * t], 1) + 0.5 * _rand(n, g, 2)
-    return sign[:, None] * xy / 3 + 0.1 * _randn(n, g, 2)
+    return sign[:, None] * xy / 3 + 0.1 * _randn(n, g, 2), lower.long()
 
 
 def _checkerboard(n: int, g: torch.Generator) -> Tensor:
@@ -48,21 +50,23 @@ def _checkerboard(n: int, g: torch.Generator) -> Tensor:
     return torch.stack([x1, x2], 1) * 2
 
 
-def _rings(n: int, g: torch.Generator) -> Tensor:
-    radius = 0.9 * torch.randint(1, 5, (n,), generator=g).double()
+def _rings_labelled(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
+    ring = torch.randint(1, 5, (n,), generator=g)
+    radius = 0.9 * ring.double()
     angle = _rand(n, g) * 2 * math.pi
-    return radius[:, None] * torch.stack([angle.cos(), angle.sin()], 1) + 0.08 * _randn(n, g, 2)
+    return radius[:, None] * torch.stack([angle.cos(), angle.sin()], 1) + 0.08 * _randn(n, g, 2), ring - 1
 
 
-def _moons(n: int, g: torch.Generator) -> Tensor:
+def _moons_labelled(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     t = _rand(n, g) * math.pi
     upper = torch.rand(n, generator=g) < 0.5
     x = torch.where(upper, t.cos(), 1 - t.cos())
     y = torch.where(upper, t.sin(), 0.5 - t.sin())
-    return 1.5 * (torch.stack([x, y], 1) - torch.tensor([0.5, 0.25], dtype=torch.float64)) + 0.1 * _randn(n, g, 2)
+    centred = torch.stack([x, y], 1) - torch.tensor([0.5, 0.25], dtype=torch.float64)
+    return 1.5 * centred + 0.1 * _randn(n, g, 2), (~upper).long()
 
 
-def _pinwheel(n: int, g: torch.Generator) -> Tensor:
+def _pinwheel_labelled(n: int, g: torch.Generator) -> tuple[Tensor, Tensor]:
     arms, radial_std, tangential_std, rate = 5, 0.3, 0.1, 0.25
     k = torch.randint(0, arms, (n,), generator=g)
     feats = _randn(n, g, 2) * torch.tensor([radial_std, tangential_std], dtype=torch.float64)
@@ -70,7 +74,29 @@ def _pinwheel(n: int, g: torch.Generator) -> Tensor:
     angle = k.double() * (2 * math.pi / arms) + rate * feats[:, 0].exp()
     c, s = angle.cos(), angle.sin()
     rot = torch.stack([torch.stack([c, -s], 1), torch.stack([s, c], 1)], 1)  # (n, 2, 2)
-    return 2 * torch.einsum("nij,nj->ni", rot, feats)
+    return 2 * torch.einsum("nij,nj->ni", rot, feats), k
+
+
+def _points_only(labelled: Callable[[int, torch.Generator], tuple[Tensor, Tensor]]
+                 ) -> Callable[[int, torch.Generator], Tensor]:
+    def points(n: int, g: torch.Generator) -> Tensor:
+        return labelled(n, g)[0]
+
+    points.__name__ = labelled.__name__.removesuffix("_labelled")
+    return points
+
+
+#: mixture sets: name -> (number of modes, sampler ``(n, generator) -> ((n, 2) float64, mode index (n,) int64)``);
+#: the points are exactly those of ``TOY_DATASETS[name]`` for the same stream
+TOY_LABELLED: dict[str, tuple[int, Callable[[int, torch.Generator], tuple[Tensor, Tensor]]]] = {
+    "8gaussians": (8, _eight_gaussians_labelled),
+    "2spirals": (2, _two_spirals_labelled),
+    "rings": (4, _rings_labelled),
+    "moons": (2, _moons_labelled),
+    "pinwheel": (5, _pinwheel_labelled),
+}
+_eight_gaussians, _two_spirals, _rings, _moons, _pinwheel = (
+    _points_only(TOY_LABELLED[k][1]) for k in ("8gaussians", "2spirals", "rings", "moons", "pinwheel"))
 
 
 def _swissroll(n: int, g: torch.Generator) -> Tensor:
@@ -104,6 +130,29 @@ def sample_toy(name: str, n: int, generator: torch.Generator | None = None, seed
     return TOY_DATASETS[name](n, generator).float()
 
 
+def _check_labelled(name: str, owner: str) -> int:
+    """The number of modes of the mixture set ``name``; a clear error for sets without modes."""
+    _check_name(name, owner)
+    if name not in TOY_LABELLED:
+        raise ValueError(f"{owner}: labels=True needs a toy set made of modes (the label is the mode index); "
+                         f"{name!r} has none; choose one of {sorted(TOY_LABELLED)}")
+    return TOY_LABELLED[name][0]
+
+
+def sample_toy_labelled(name: str, n: int, generator: torch.Generator | None = None,
+                        seed: int | None = None) -> tuple[Tensor, Tensor]:
+    """``n`` samples ``(n, 2)`` (float32) of the mixture set ``name`` and their mode indices ``(n,)`` (int64).
+
+    The points are exactly ``sample_toy(name, n, ...)``'s for the same stream or seed.
+    """
+    _check_labelled(name, "sample_toy_labelled")
+    n = check_int("sample_toy_labelled", "n", n, minimum=1)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0 if seed is None else seed)
+    x, y = TOY_LABELLED[name][1](n, generator)
+    return x.float(), y
+
+
 def _rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
@@ -120,8 +169,11 @@ class ToyBatchStream:
     seen, under DDP too. Every rank draws its own batches.
     """
 
-    def __init__(self, name: str, batch_size: int, batches_per_epoch: int, seed: int) -> None:
+    def __init__(self, name: str, batch_size: int, batches_per_epoch: int, seed: int, labels: bool = False) -> None:
         _check_name(name, "ToyBatchStream")
+        if labels:
+            _check_labelled(name, "ToyBatchStream")
+        self.labels = labels
         self.name, self.batch_size, self.batches_per_epoch, self.seed = name, batch_size, batches_per_epoch, seed
         self._position = 0  # batches already yielded in the current epoch
         self._count = 0  # batches already yielded in all epochs
@@ -133,11 +185,14 @@ class ToyBatchStream:
         seed = (self.seed * 1_000_003 + 7919 * _rank() + 1) * 1_000_000_007 + self._count
         return torch.Generator().manual_seed(seed % (2**63 - 1))
 
-    def __iter__(self) -> Iterator[Tensor]:
+    def __iter__(self) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         if self._position >= self.batches_per_epoch:
             self._position = 0
         while self._position < self.batches_per_epoch:
-            batch = sample_toy(self.name, self.batch_size, generator=self._stream())
+            if self.labels:  # (x, y): the same points as without labels, plus their mode index
+                batch = sample_toy_labelled(self.name, self.batch_size, generator=self._stream())
+            else:
+                batch = sample_toy(self.name, self.batch_size, generator=self._stream())
             self._position += 1
             self._count += 1
             yield batch
@@ -160,6 +215,9 @@ class Toy2DDataModule(L.LightningDataModule):
         batches_per_epoch: training batches per epoch (each freshly sampled).
         num_val: held-out samples drawn once (seeded) for validation metrics.
         seed: seed of the training stream (per rank) and of the held-out set.
+        labels: batches are ``(x, y)`` with ``y`` the mode index (int64) of each point, for the
+            mixture sets (``TOY_LABELLED``: 8gaussians, 2spirals, rings, moons, pinwheel); the
+            points are the same as without labels. ``num_classes`` is then the number of modes.
     """
 
     sample_shape = (2,)
@@ -171,9 +229,12 @@ class Toy2DDataModule(L.LightningDataModule):
         batches_per_epoch: int = 100,
         num_val: int = 2000,
         seed: int = 0,
+        labels: bool = False,
     ) -> None:
         super().__init__()
         _check_name(name, "Toy2DDataModule")
+        labels = check_bool("Toy2DDataModule", "labels", labels)
+        self.num_classes = _check_labelled(name, "Toy2DDataModule") if labels else None
         batch_size = check_int("Toy2DDataModule", "batch_size", batch_size, minimum=1)
         batches_per_epoch = check_int("Toy2DDataModule", "batches_per_epoch", batches_per_epoch, minimum=1)
         num_val = check_int("Toy2DDataModule", "num_val", num_val, minimum=1)
@@ -181,13 +242,18 @@ class Toy2DDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.name, self.batch_size, self.seed = name, batch_size, seed
         self.batches_per_epoch, self.num_val = batches_per_epoch, num_val
-        self._train = ToyBatchStream(name, batch_size, batches_per_epoch, seed)
+        self.labels = labels
+        self._train = ToyBatchStream(name, batch_size, batches_per_epoch, seed, labels=labels)
         self.val_data: Tensor | None = None
+        self.val_labels: Tensor | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.val_data is None:
             generator = torch.Generator().manual_seed(10_000_019 + self.seed)
-            self.val_data = sample_toy(self.name, self.num_val, generator=generator)
+            if self.labels:
+                self.val_data, self.val_labels = sample_toy_labelled(self.name, self.num_val, generator=generator)
+            else:
+                self.val_data = sample_toy(self.name, self.num_val, generator=generator)
 
     def sample(self, n: int, seed: int = 0) -> Tensor:
         """``n`` fresh samples ``(n, 2)`` from an independent seeded stream (for plots and floors)."""
@@ -198,7 +264,8 @@ class Toy2DDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         self.setup()
-        return DataLoader(TensorDataset(self.val_data), batch_size=self.batch_size, shuffle=False)
+        tensors = (self.val_data, self.val_labels) if self.labels else (self.val_data,)
+        return DataLoader(TensorDataset(*tensors), batch_size=self.batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

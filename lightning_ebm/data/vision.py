@@ -44,17 +44,19 @@ class _ToSignedUnit:
 
 
 class _Split(Dataset):
-    """The images (no labels) of ``indices`` of a torchvision dataset, through ``transform``."""
+    """The images of ``indices`` of a torchvision dataset, through ``transform``; with their class
+    (an int64 0-dim tensor) when ``labels``."""
 
-    def __init__(self, base: Dataset, indices: Tensor, transform: Any) -> None:
-        self.base, self.indices, self.transform = base, indices, transform
+    def __init__(self, base: Dataset, indices: Tensor, transform: Any, labels: bool = False) -> None:
+        self.base, self.indices, self.transform, self.labels = base, indices, transform, labels
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> Tensor:
-        image = self.base[int(self.indices[i])][0]
-        return self.transform(image)
+    def __getitem__(self, i: int) -> Tensor | tuple[Tensor, Tensor]:
+        image, target = self.base[int(self.indices[i])][:2]
+        x = self.transform(image)
+        return (x, torch.as_tensor(target, dtype=torch.long)) if self.labels else x
 
 
 class VisionDataModule(L.LightningDataModule):
@@ -62,7 +64,8 @@ class VisionDataModule(L.LightningDataModule):
 
     The training split of the dataset is split again (seeded) into training and validation
     parts; test uses the dataset's own test split. Batches are image tensors ``(B, C, S, S)``
-    (no labels). With ``download=True`` the files are fetched once in ``prepare_data`` (rank 0);
+    (or ``(x, y)`` with the class ``y`` when ``labels=True``; not for CelebA, which has no
+    classes here). With ``download=True`` the files are fetched once in ``prepare_data`` (rank 0);
     without it they must already be under ``root``, and a missing file is reported with the
     layout to put in place.
 
@@ -79,6 +82,7 @@ class VisionDataModule(L.LightningDataModule):
         dequantize: uniform dequantisation of training images, ``(v + u) / 256``.
         num_workers: DataLoader workers.
         pin_memory: DataLoader ``pin_memory``.
+        labels: yield ``(x, y)`` batches with the class labels (``num_classes`` is then 10).
     """
 
     def __init__(
@@ -94,11 +98,19 @@ class VisionDataModule(L.LightningDataModule):
         dequantize: bool = False,
         num_workers: int = 0,
         pin_memory: bool = False,
+        labels: bool = False,
     ) -> None:
         super().__init__()
         if name not in VISION_DATASETS:
             raise ValueError(f"VisionDataModule: unknown name={name!r}; choose one of "
                              f"{sorted(VISION_DATASETS)}")
+        if not isinstance(labels, bool):
+            raise ValueError(f"VisionDataModule: labels must be a bool, got {labels!r}")
+        if labels and name == "celeba":
+            raise ValueError("VisionDataModule: labels=True needs a dataset with classes (mnist, fashion_mnist, "
+                             "cifar10, svhn); celeba has none here")
+        self.labels = labels
+        self.num_classes = 10 if labels else None
         for arg, value in (("image_size", image_size), ("center_crop", center_crop)):
             if value is not None and (not isinstance(value, int) or value < 4):
                 raise ValueError(f"VisionDataModule: {arg} must be an integer >= 4 or None, got {value!r}")
@@ -174,8 +186,8 @@ class VisionDataModule(L.LightningDataModule):
             raise ValueError(f"VisionDataModule: val_fraction={self.val_fraction} leaves no training images "
                              f"out of {n}")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
-        self._train = _Split(base, perm[num_val:], self._transform(self.dequantize))
-        self._val = _Split(base, perm[:num_val], self._transform(False))
+        self._train = _Split(base, perm[num_val:], self._transform(self.dequantize), self.labels)
+        self._val = _Split(base, perm[:num_val], self._transform(False), self.labels)
         self._test: Dataset | None = None
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
@@ -195,5 +207,5 @@ class VisionDataModule(L.LightningDataModule):
         self.setup()
         if self._test is None:
             base = self._open(train=False, download=False)
-            self._test = _Split(base, torch.arange(len(base)), self._transform(False))
+            self._test = _Split(base, torch.arange(len(base)), self._transform(False), self.labels)
         return self._loader(self._test, False)

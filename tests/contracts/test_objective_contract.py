@@ -16,10 +16,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from reliability_helpers import differences, tiny_data, tiny_ebm, tiny_trainer
-from torch import Tensor
+from torch import Tensor, nn
 
 from lightning_ebm import objectives
-from lightning_ebm.energies import MLPEnergy
+from lightning_ebm.energies import ClassifierEnergy, MLPEnergy
 from lightning_ebm.latents import Gaussian, ReplayBuffer, Uniform
 from lightning_ebm.objectives import MaximumLikelihood, Objective, TrainingStep
 from lightning_ebm.samplers import Langevin
@@ -53,9 +53,15 @@ OBJECTIVES = {
     "DiffusionRecoveryLikelihood": [lambda: objectives.DiffusionRecoveryLikelihood(steps=3, num_levels=4),
                                     lambda: objectives.DiffusionRecoveryLikelihood(steps=2, sigmas=[0.2, 0.5],
                                                                                    alpha=0.0, grad_clip=1.0)],
+    # the generative terms one at a time (the contract counts one sampler call), and the classifier alone
+    "JointEnergyModel": [lambda: objectives.JointEnergyModel(ml_weight=1.0, alpha=0.1),
+                         lambda: objectives.JointEnergyModel(ce_weight=0.5, ml_weight=0.0, conditional_weight=1.0),
+                         lambda: objectives.JointEnergyModel(ml_weight=0.0)],
 }
 #: objectives that need a noise-conditioned energy: the number of levels of the energy they get
 NUM_LEVELS = {("DiffusionRecoveryLikelihood", 0): 4, ("DiffusionRecoveryLikelihood", 1): 2}
+#: objectives that need a classifier energy and labelled data: the number of classes (8gaussians' modes)
+NUM_CLASSES = {("JointEnergyModel", i): 8 for i in range(3)}
 NOT_OBJECTIVES = {"Objective": "the interface", "TrainingStep": "what an objective is given"}
 EXTRA = {"NoNegatives": [NoNegatives]}
 
@@ -86,7 +92,10 @@ class CountingLangevin(Langevin):
         return out
 
 
-def _energy(case: tuple[str, int] | None = None) -> MLPEnergy:
+def _energy(case: tuple[str, int] | None = None) -> nn.Module:
+    classes = NUM_CLASSES.get(case)
+    if classes is not None:
+        return ClassifierEnergy(MLPEnergy(dim=2, hidden=16, num_layers=2, num_outputs=classes), classes)
     return MLPEnergy(dim=2, hidden=16, num_layers=2, num_levels=NUM_LEVELS.get(case))
 
 
@@ -97,7 +106,10 @@ def make_step(objective_seed: int = 0, latent=None, case=None) -> tuple[Training
     data = torch.randn(12, 2, generator=torch.Generator().manual_seed(1))
     rng = torch.Generator().manual_seed(objective_seed)
     latent = latent or ReplayBuffer(Uniform((2,), low=-3.0, high=3.0), capacity=32, reinit_prob=0.2)
-    return TrainingStep(energy, sampler, latent, rng, data, num_negatives=10, data_noise=0.05), sampler
+    classes = NUM_CLASSES.get(case)
+    labels = None if classes is None else torch.randint(classes, (12,), generator=torch.Generator().manual_seed(2))
+    return TrainingStep(energy, sampler, latent, rng, data, num_negatives=10, data_noise=0.05,
+                        labels=labels), sampler
 
 
 def test_every_exported_objective_is_in_the_contract():
@@ -142,12 +154,12 @@ def test_the_sampler_runs_if_and_only_if_negatives_are_needed(case):
 
 
 def test_all_randomness_comes_from_the_steps_stream(case):
-    state = torch.get_rng_state()
     losses = []
     for _ in range(2):
-        step, _ = make_step(objective_seed=3, case=case)
+        step, _ = make_step(objective_seed=3, case=case)  # seeds torch's global stream and builds the energy
+        state = torch.get_rng_state()
         losses.append(_build(*case)(step)[0])
-    assert torch.equal(torch.get_rng_state(), state)  # torch's global stream never touched...
+        assert torch.equal(torch.get_rng_state(), state)  # the objective never touches the global stream...
     assert torch.equal(losses[0], losses[1])  # ... and the step's stream decides everything
     other, _ = make_step(objective_seed=4, case=case)
     assert not torch.equal(_build(*case)(other)[0], losses[0])
@@ -158,7 +170,8 @@ def _fit(root, objective_case, max_steps, ckpt_path=None):
     model = tiny_ebm(objective=_build(*objective_case), energy=_energy(objective_case))
     trainer = tiny_trainer(root, max_steps=max_steps, limit_val_batches=0, val_check_interval=None,
                            callbacks=[ModelCheckpoint(dirpath=root, save_last=True)])
-    trainer.fit(model, tiny_data(), ckpt_path=ckpt_path, weights_only=False)
+    data = tiny_data(labels=True) if objective_case in NUM_CLASSES else tiny_data()
+    trainer.fit(model, data, ckpt_path=ckpt_path, weights_only=False)
     return {"model": model.state_dict(), "optimizer": trainer.optimizers[0].state_dict(),
             "rng": model.rng.get_state(), "global_step": trainer.global_step}
 

@@ -25,6 +25,9 @@ def build(spec: dict) -> dict:
         if key in spec:
             name, kwargs = spec[key]
             parts[key] = getattr(room, name)(**kwargs)
+    if "num_classes" in spec:  # a classifier read as an energy, on labelled data
+        classes = spec["num_classes"]
+        parts["energy"] = energies.ClassifierEnergy(energies.MLPEnergy(2, 16, 2, num_outputs=classes), classes)
     return parts
 
 
@@ -36,7 +39,7 @@ def main(spec_path: str, out_dir: str) -> None:
         L.seed_everything(0)
         model = tiny_ebm(**build(spec))
         trainer = tiny_trainer(out / name, max_steps=3, strategy="ddp", devices=2, val_check_interval=3)
-        trainer.fit(model, tiny_data())
+        trainer.fit(model, tiny_data(labels="num_classes" in spec))
         rank = trainer.global_rank
         result = {
             "parameters": torch.cat([p.detach().flatten() for p in model.energy.parameters()]).tolist(),

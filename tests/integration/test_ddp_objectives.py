@@ -2,7 +2,7 @@
 
 Each rank draws its own data, so the ranks agree on the energy's parameters after training only if every
 gradient an objective produces (score matching's double backward, NCE's noise, DRL's per-level chains) is
-averaged by DDP; what an objective fits to the data (NCE's ``fit_noise``) must be the same on every rank.
+averaged by DDP (JEM's classifier on labelled batches too); what an objective fits to the data (NCE's ``fit_noise``) must be the same on every rank.
 A new objective without a case here fails ``test_every_exported_objective_has_a_ddp_case``.
 """
 
@@ -33,6 +33,8 @@ CASES = {
     "SlicedScoreMatching": {"objective": "SlicedScoreMatching", "kwargs": {"num_projections": 2}},
     "ExactScoreMatching": {"objective": "ExactScoreMatching"},
     "NoiseContrastiveEstimation": {"objective": "NoiseContrastiveEstimation", "kwargs": {"fit_noise": True}},
+    "JointEnergyModel": {"objective": "JointEnergyModel", "kwargs": {"conditional_weight": 0.5, "alpha": 0.1},
+                         "num_classes": 8},
     "DiffusionRecoveryLikelihood": {
         "objective": "DiffusionRecoveryLikelihood", "kwargs": {"steps": 2, **LEVELS},
         "energy": ["MLPEnergy", {"dim": 2, "hidden": 16, "num_layers": 2, "num_levels": 3}],

@@ -102,7 +102,8 @@ def test_a_python_built_model_resumes_under_weights_only_and_continues_the_same_
     raw = torch.load(ckpt, weights_only=True)  # plain data: no pickled component
     assert raw["hyper_parameters"]["energy"] == {
         "class_path": "lightning_ebm.energies.MLPEnergy",
-        "init_args": {"dim": 2, "hidden": 16, "num_layers": 2, "spectral_norm": False, "num_levels": None}}
+        "init_args": {"dim": 2, "hidden": 16, "num_layers": 2, "spectral_norm": False, "num_levels": None,
+                      "num_outputs": 1}}
     assert raw["hyper_parameters"]["optimizer"] == {
         "class_path": "torch.optim.adam.Adam", "init_args": {"lr": 1e-2, "betas": (0.5, 0.999)}}
     L.seed_everything(99)  # other weights and seeds: the checkpoint must win

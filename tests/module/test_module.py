@@ -76,7 +76,7 @@ def test_checkpoint_round_trip_restores_replay_buffer_and_random_stream(tmp_path
         "class_path": "lightning_ebm.latents.ReplayBuffer",
         "init_args": {"latent": {"class_path": "lightning_ebm.latents.Uniform",
                                  "init_args": {"shape": (2,), "low": -4.0, "high": 4.0}},
-                      "capacity": 64, "reinit_prob": 0.05}}
+                      "capacity": 64, "reinit_prob": 0.05, "num_classes": None}}
 
 
 def test_a_different_rank_draws_a_different_stream():

@@ -1,9 +1,10 @@
 """Every exported objective trains under two-process DDP (gloo, CPU), launched as torchrun launches it.
 
 Each rank draws its own data, so the ranks agree on the energy's parameters after training only if every
-gradient an objective produces (score matching's double backward, NCE's noise, DRL's per-level chains) is
-averaged by DDP (JEM's classifier on labelled batches too); what an objective fits to the data (NCE's ``fit_noise``) must be the same on every rank.
-A new objective without a case here fails ``test_every_exported_objective_has_a_ddp_case``.
+gradient an objective produces (score matching's double backward, NCE's noise, DRL's per-level chains,
+JEM's classifier on labelled batches) is averaged by DDP; what an objective fits to the data (NCE's
+``fit_noise``) must be the same on every rank. A new objective without a case here fails
+``test_every_exported_objective_has_a_ddp_case``.
 """
 
 from __future__ import annotations

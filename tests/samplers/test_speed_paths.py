@@ -285,3 +285,16 @@ def test_channels_last_gives_the_same_samples_and_keeps_the_format(make):
     out = make()(energy_cl, start.contiguous(memory_format=CL), generator=torch.Generator().manual_seed(2))
     assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_script_skips_cleanly_without_cuda(tmp_path):
+    """benchmarks/gpu.py, the one prepared GPU check: on a machine without CUDA it says so and exits 0."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[2] / "benchmarks" / "gpu.py"), "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no CUDA device: nothing measured" in result.stdout
+    assert not list(tmp_path.iterdir())  # no report with invented figures

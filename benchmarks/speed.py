@@ -32,6 +32,7 @@ import copy
 import importlib
 import importlib.util
 import logging
+import signal
 import statistics
 import sys
 import time
@@ -417,11 +418,15 @@ def main(argv: list[str] | None = None) -> Path:
     started, load_before = datetime.now().strftime("%Y-%m-%d %H:%M:%S"), base.load_average()
     bench = Speed(args)
     only = args.only.split(",")
-    for section in SECTIONS:
-        if section in only:
-            getattr(bench, section)()
-    if "bound" in only:
-        bench.bound()  # again at the end: the machine's load may have moved
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # killed: report what was measured
+    try:
+        for section in SECTIONS:
+            if section in only:
+                getattr(bench, section)()
+        if "bound" in only:
+            bench.bound()  # again at the end: the machine's load may have moved
+    except KeyboardInterrupt:
+        print("interrupted: reporting the sections measured so far", file=sys.stderr)
     report = render(bench, started, load_before, time.perf_counter() - bench.t0)
     print(report)
     out = args.out or Path(__file__).resolve().parent / "results" / f"speed-{datetime.now():%Y%m%d-%H%M%S}.md"

@@ -133,7 +133,10 @@ class Speed:
         if not q:
             cases["conv 32x32"] = (ConvEnergy(in_channels=3, width=16, image_size=32), (64, 3, 32, 32), 10, 0.01,
                                    0.005, True)
-        self.cases = cases
+        wanted = {"mlp": "mlp 2-128-128-1", "conv8": "conv 8x8 (digits)", "conv28": "conv 28x28 (digits28)",
+                  "conv32": "conv 32x32"}
+        keep = {wanted[c] for c in args.cases.split(",")} if args.cases else set(cases)
+        self.cases = {name: case for name, case in cases.items() if name in keep}
         self.bounds: dict[str, list[float]] = {"matmul": [], "conv": []}
 
     def x0(self, shape, seed=0) -> torch.Tensor:
@@ -197,6 +200,8 @@ class Speed:
 
     # ---------------------------------------------------------------- ode
     def ode(self) -> None:
+        if "mlp 2-128-128-1" not in self.cases:
+            return
         energy, shape, k, s, _, _ = self.cases["mlp 2-128-128-1"]
         nfe = 4 * max(1, k // 4)
         x0, plain_energy = self.x0(shape), frozen(energy)
@@ -278,7 +283,7 @@ class Speed:
     def memory(self) -> None:
         cpu = torch.device("cpu")
         names = ["mlp 2-128-128-1"] + ([] if self.args.quick else ["conv 28x28 (digits28)"])
-        for case in names:
+        for case in (n for n in names if n in self.cases):
             energy, shape, _, s, sigma, compile = self.cases[case]
             x0, plain_energy = self.x0(shape), frozen(energy)
             builders = {"plain": lambda k, e=plain_energy, x0=x0, s=s: partial(base.plain_loop, e, x0, k, s),
@@ -391,6 +396,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="about 2 minutes: fewer rounds and steps, no conv compiles")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--cases", default=None,
+                   help="comma-separated subset of mlp,conv8,conv28,conv32 for sampler/ode/memory (default: all)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per contender (default 7, quick 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls (steps, for train) per contender")
     p.add_argument("--train-steps", type=int, default=None, help="training steps per round (default 6, quick 4)")
@@ -401,6 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.only.split(",")) - set(SECTIONS)
     if unknown:
         p.error(f"--only: unknown section(s) {sorted(unknown)}; choose from {SECTIONS}")
+    bad = set((args.cases or "mlp").split(",")) - {"mlp", "conv8", "conv28", "conv32"}
+    if bad:
+        p.error(f"--cases: unknown case(s) {sorted(bad)}; choose from mlp,conv8,conv28,conv32")
     args.rounds = args.rounds or (3 if args.quick else 7)
     args.train_steps = args.train_steps or (4 if args.quick else 6)
     args.train_rounds = args.train_rounds or (1 if args.quick else 3)

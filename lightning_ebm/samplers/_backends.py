@@ -183,10 +183,15 @@ def _chunk(update: Callable, energy: nn.Module, state: State, noises: tuple, ks:
     return state
 
 
-def _frozen(energy: nn.Module) -> contextlib.AbstractContextManager:
+def _frozen(energy: Callable) -> contextlib.AbstractContextManager:
     """Parameters not requiring grad for the duration (restored after): autograd then records no
-    parameter edge at all, which is what the careful hand-written loop does."""
-    params = [p for p in energy.parameters() if p.requires_grad]
+    parameter edge at all, which is what the careful hand-written loop does.
+
+    The energy may be any callable: a module's parameters, a bound method's module's (e.g. a
+    LightningModule's ``self.energy``), or none for a plain function.
+    """
+    owner = energy if isinstance(energy, nn.Module) else getattr(energy, "__self__", None)
+    params = [p for p in owner.parameters() if p.requires_grad] if isinstance(owner, nn.Module) else []
 
     @contextlib.contextmanager
     def frozen():

@@ -141,6 +141,23 @@ def test_eager_sampling_freezes_parameters_only_for_the_call(mlp):
         GradientDescent(steps=3, step_size=0.05)(boom, x0(SHAPE))
     assert boom.w.requires_grad
     handle.remove()
+    # any callable energy: a bound method of a module (frozen too), a plain function (nothing to freeze)
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = copy.deepcopy(mlp)
+
+        def energy(self, x):
+            seen.append(any(p.requires_grad for p in self.parameters()))
+            return self.net(x)
+
+    holder, seen = Holder(), []
+    start = x0(SHAPE)
+    torch.testing.assert_close(GradientDescent(steps=3, step_size=0.05)(holder.energy, start),
+                               GradientDescent(steps=3, step_size=0.05)(mlp, start))
+    assert seen == [False] * 3 and all(p.requires_grad for p in holder.parameters())
+    x = GradientDescent(steps=3, step_size=0.05)(lambda y: 0.5 * y.pow(2).sum(1), start)
+    torch.testing.assert_close(x, start * 0.95**3)
     # the unrolled generator (differentiable_steps) keeps the parameters live: x_K depends on them
     x = GradientDescent(steps=3, step_size=0.05)(energy, x0(SHAPE), differentiable_steps=1)
     assert x.requires_grad

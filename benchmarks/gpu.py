@@ -5,8 +5,8 @@ the repository root, on a machine with CUDA::
 
     python benchmarks/gpu.py [--out DIR] [--quick]
 
-Parts, each with its own time limit (``--budget`` seconds, default 120; ``--quick``: 60) so that a
-slow one cannot eat the rest, about 8 minutes in all on an H100/H200-class GPU:
+Parts, each with its own time limit (``--budget`` seconds, default 75; ``--quick``: 45) so that a
+slow one cannot eat the rest: at most about 11 minutes in all (6 with ``--quick``):
 
 1. ``checks``: ``cuda_graph``, ``compile``, compile + ``cuda_graph`` equal eager (GradientDescent,
    MLP and ConvEnergy 32x32); compiled Langevin equals eager with the same generator; bf16
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="result directory (default: $OUT or benchmarks/results)")
     p.add_argument("--quick", action="store_true", help="smaller budgets and fewer training steps")
-    p.add_argument("--budget", type=int, default=None, help="seconds per part (default 120, quick 60)")
+    p.add_argument("--budget", type=int, default=None, help="seconds per part (default 75, quick 45)")
     p.add_argument("--ddp-child", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.ddp_child is not None:
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing measured (run this on a machine with a GPU)")
         return 0
-    seconds = args.budget or (60 if args.quick else 120)
+    seconds = args.budget or (45 if args.quick else 75)
     steps = 6 if args.quick else 12
     lines: list[str] = []
     checks_rows: list[str] = []

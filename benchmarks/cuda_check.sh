@@ -14,8 +14,10 @@
 #   fp32.md      benchmarks/run.py on cuda: eager vs compile vs cuda_graph vs compile+cuda_graph
 #                against the plain loop, ODE, training steps, peak memory K=10 vs K=200
 #   bf16.md      the same under bf16 autocast (training under precision="bf16-mixed")
+#   gpu-*.md     benchmarks/gpu.py: CUDA paths == eager, steps/s and TFLOP/s against the bound,
+#                the cifar10.yaml training step against its FLOP bound, DDP when 2 GPUs
 #   *.log        the runs' own output
-# Each part has its own time limit, so one slow part cannot eat the others' time; about 10 minutes
+# Each part has its own time limit, so one slow part cannot eat the others' time; about 20 minutes
 # in all on an H100-class GPU (most of it torch.compile).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +46,9 @@ common=(--device cuda --conv-width 64 --mlp-steps 100 --conv-steps 40 --train-st
 timeout 360 $py benchmarks/run.py "${common[@]}" --out "$out/fp32.md" > "$out/fp32.log" 2>&1 || status=1
 timeout 300 $py benchmarks/run.py "${common[@]}" --bf16 --only sampler,train,memory --out "$out/bf16.md" \
     > "$out/bf16.log" 2>&1 || status=1
+# checks against eager, steps/s against the FLOP bound, the cifar10.yaml step, DDP on 2 GPUs
+timeout 600 $py benchmarks/gpu.py --out "$out" > "$out/gpu.log" 2>&1 || status=1
 for f in fp32 bf16; do [ -f "$out/$f.md" ] && cat "$out/$f.md"; done
+cat "$out"/gpu-*.md 2>/dev/null
 echo "results in $out (status $status)"
 exit $status

@@ -92,13 +92,24 @@ def _field(field: Callable, energy: nn.Module, x: Tensor, constants: tuple) -> T
     return field(_func(energy), x, *constants)
 
 
-@functools.cache
-def _compiled(template: Callable, target: Callable) -> Callable:
-    """``torch.compile`` of ``template`` for one update or field ``target``.
+def _variant(constants: tuple, *more: Any) -> tuple:
+    """A hashable key of one sampler configuration (its constants, the chunk length)."""
+    key = (constants, *more)
+    try:
+        hash(key)
+    except TypeError:
+        return (repr(key),)
+    return key
 
-    torch.compile keeps its graphs (and its recompile limit) per code object; a copy of the
-    template's code per target gives every sampler kind its own cache, as a hand-written compiled
-    step per sampler would have.
+
+@functools.cache
+def _compiled(template: Callable, target: Callable, variant: tuple = ()) -> Callable:
+    """``torch.compile`` of ``template`` for one update or field ``target`` and one configuration.
+
+    torch.compile keeps its graphs (and its recompile limit, 8) per code object; a copy of the
+    template's code per target and configuration (``variant``: constants, chunk length) gives
+    every sampler configuration its own cache, as a hand-written compiled step per sampler
+    would have, so only shapes, dtypes and modes count towards the limit.
     """
     name = f"{template.__name__}_{getattr(target, '__name__', 'fn')}"
     code = template.__code__.replace(co_name=name, co_qualname=name)
@@ -106,18 +117,18 @@ def _compiled(template: Callable, target: Callable) -> Callable:
 
 
 def _first_call(owner: str, template: Callable, target: Callable, energy: nn.Module, x: Tensor,
-                *args: Any) -> tuple[Any, float]:
+                *args: Any, variant: tuple = ()) -> tuple[Any, float]:
     """The compiled ``template(target, energy, x-or-state, ...)``; seconds spent compiling, if it compiled.
 
     torch.compile compiles on the first call per input signature (shapes, dtypes, constants,
     energy mode, autocast). The energy's output shape is checked eagerly here, since a compiled
     graph cannot raise the library's clear error.
     """
-    fn = _compiled(template, target)
+    fn = _compiled(template, target, variant)
     tensors = [t for t in (x if isinstance(x, tuple) else (x,))]
     position = tensors[0]
-    signature = (target, tuple((tuple(t.shape), t.dtype, t.stride()) for t in tensors), position.device,
-                 energy.training, torch.is_autocast_enabled(position.device.type),
+    signature = (template, target, variant, tuple((tuple(t.shape), t.dtype, t.stride()) for t in tensors),
+                 position.device, energy.training, torch.is_autocast_enabled(position.device.type),
                  repr([a if not isinstance(a, (Tensor, tuple)) else _shapes(a) for a in args]))
     seen = _SEEN.setdefault(energy, set())
     if signature in seen:
@@ -153,6 +164,60 @@ def _draw(steps: Steps, x: Tensor, generator: torch.Generator | None) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------- steps
+#: energy-gradient evaluations unrolled into one compiled call (``compile=True``): enough to amortise
+#: the per-call cost (guards, argument handling, Python) over several steps, few enough that the
+#: unrolled graph compiles in seconds
+CHUNK_EVALUATIONS = 10
+
+
+def chunk_length(steps: Steps) -> int:
+    """Steps per compiled call: ``CHUNK_EVALUATIONS`` gradient evaluations' worth, at least 1, at most K."""
+    return max(1, min(steps.num_steps, CHUNK_EVALUATIONS // steps.evaluations))
+
+
+def _chunk(update: Callable, energy: nn.Module, state: State, noises: tuple, ks: Tensor, constants: tuple) -> State:
+    """``len(noises)`` updates unrolled in one graph; only the final state leaves it (no trajectory)."""
+    grad = _func(energy)
+    for i, noise in enumerate(noises):
+        state, _ = update(grad, state, noise, ks[i], *constants)
+    return state
+
+
+def _frozen(energy: Callable) -> contextlib.AbstractContextManager:
+    """Parameters not requiring grad for the duration (restored after): autograd then records no
+    parameter edge at all, which is what the careful hand-written loop does.
+
+    The energy may be any callable: a module's parameters, a bound method's module's (e.g. a
+    LightningModule's ``self.energy``), or none for a plain function.
+    """
+    owner = energy if isinstance(energy, nn.Module) else getattr(energy, "__self__", None)
+    params = [p for p in owner.parameters() if p.requires_grad] if isinstance(owner, nn.Module) else []
+
+    @contextlib.contextmanager
+    def frozen():
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    return frozen()
+
+
+def _fast_autograd(energy: nn.Module) -> GradFn:
+    """The eager ``GradFn`` of the plain loop (grad already enabled, output shape checked once)."""
+
+    def grad(x: Tensor, with_energy: bool = False) -> Any:
+        x = x.detach().requires_grad_(True)
+        e = energy(x)
+        (g,) = torch.autograd.grad(e.sum(), x)
+        return (g, e.detach()) if with_energy else g
+
+    return grad
+
+
 def run_steps(
     steps: Steps,
     energy: nn.Module,
@@ -168,12 +233,19 @@ def run_steps(
 ) -> Run:
     """Run ``steps.num_steps`` updates from ``state``: eagerly, compiled, or replayed from a CUDA graph.
 
-    ``cuda_graph`` replays the captured K-step loop (compiled steps if ``compile``); calls that
-    want a trajectory or a callback see every step, so they run step by step instead. The last
-    ``differentiable_steps`` eager steps keep their autograd graph (the unrolled generator).
+    ``compile`` runs ``chunk_length(steps)`` updates per compiled call (the random numbers of a
+    chunk are drawn before it, in the eager order, so results equal eager); the last
+    ``K mod chunk`` steps run through the compiled single step. ``cuda_graph`` replays the
+    captured K-step loop (compiled steps if ``compile``). Calls that want a trajectory or a
+    callback see every step, so they run step by step instead. The last ``differentiable_steps``
+    eager steps keep their autograd graph (the unrolled generator).
     """
     if cuda_graph and not return_trajectory and callback is None:
         return _run_graphed(steps, energy, state, generator, compile, owner)
+    if compile and not return_trajectory and callback is None:
+        return _run_chunked(steps, energy, state, generator, owner)
+    if not (compile or differentiable_steps or return_trajectory or callback is not None):
+        return _run_eager(steps, energy, state, generator)
     n = steps.num_steps
     ks = torch.arange(n, device=state[0].device)
     positions = [state[0]] if return_trajectory else None
@@ -185,11 +257,11 @@ def run_steps(
             noise = _draw(steps, state[0], generator)
             if compile and k == 0:
                 (state, extras), seconds = _first_call(owner, _step, steps.update, energy, state, noise, ks[k],
-                                                       steps.constants)
+                                                       steps.constants, variant=_variant(steps.constants))
                 compile_time += seconds
             elif compile:
-                state, extras = _compiled(_step, steps.update)(steps.update, energy, state, noise, ks[k],
-                                                               steps.constants)
+                state, extras = _compiled(_step, steps.update, _variant(steps.constants))(
+                    steps.update, energy, state, noise, ks[k], steps.constants)
             else:
                 state, extras = steps.update(eager[k >= first_unrolled], state, noise, ks[k], *steps.constants)
             if positions is not None:
@@ -198,6 +270,65 @@ def run_steps(
                 callback({"step": k + 1, "x": state[0], **extras})
     trajectory = torch.stack(positions) if positions is not None else None
     return Run(state, trajectory, n * steps.evaluations, compile_time)
+
+
+def _run_eager(steps: Steps, energy: nn.Module, state: State, generator: torch.Generator | None) -> Run:
+    """The plain loop: parameters frozen, ``torch.autograd.grad`` on the input, nothing else per step.
+
+    The energy's output shape is checked once, on the first evaluation (eagerly it cannot change).
+    """
+    n = steps.num_steps
+    ks = torch.arange(n, device=state[0].device).unbind()
+    grad = _fast_autograd(energy)
+    checked = False
+
+    def first(x: Tensor, with_energy: bool = False) -> Any:
+        nonlocal checked
+        x = x.detach().requires_grad_(True)
+        e = energy(x)
+        check_energy_output(e, x)
+        checked = True
+        (g,) = torch.autograd.grad(e.sum(), x)
+        return (g, e.detach()) if with_energy else g
+
+    update, constants, draw = steps.update, steps.constants, steps.draw
+    with torch.enable_grad(), _frozen(energy):
+        for k in range(n):
+            noise = () if draw is None else draw(state[0], generator)
+            state = update(grad if checked else first, state, noise, ks[k], *constants)[0]
+    return Run(state, None, n * steps.evaluations, 0.0)
+
+
+def _run_chunked(steps: Steps, energy: nn.Module, state: State, generator: torch.Generator | None,
+                 owner: str) -> Run:
+    """``compile=True`` without trajectory or callback: ``chunk_length`` steps per compiled call."""
+    n, c = steps.num_steps, chunk_length(steps)
+    device = state[0].device
+    ks = torch.arange(n, device=device)
+    full, rest = divmod(n, c)
+    chunk_ks = ks[: full * c].view(full, c).unbind() if full else ()
+    compile_time = 0.0
+    chunk_variant, step_variant = _variant(steps.constants, c), _variant(steps.constants)
+    chunk, step = _compiled(_chunk, steps.update, chunk_variant), _compiled(_step, steps.update, step_variant)
+    update, constants = steps.update, steps.constants
+    with torch.no_grad():
+        for j in range(full):
+            noises = tuple(_draw(steps, state[0], generator) for _ in range(c))
+            if j == 0:
+                state, seconds = _first_call(owner, _chunk, update, energy, state, noises, chunk_ks[j], constants,
+                                             variant=chunk_variant)
+                compile_time += seconds
+            else:
+                state = chunk(update, energy, state, noises, chunk_ks[j], constants)
+        for k in range(full * c, n):
+            noise = _draw(steps, state[0], generator)
+            if k == full * c:
+                (state, _), seconds = _first_call(owner, _step, update, energy, state, noise, ks[k], constants,
+                                                  variant=step_variant)
+                compile_time += seconds
+            else:
+                state, _ = step(update, energy, state, noise, ks[k], constants)
+    return Run(state, None, n * steps.evaluations, compile_time)
 
 
 def _run_graphed(steps: Steps, energy: nn.Module, state: State, generator: torch.Generator | None,
@@ -242,11 +373,12 @@ def _capture(steps: Steps, energy: nn.Module, state: State, generator: torch.Gen
     compile_time = 0.0
     if compile:  # compile before capturing (and count its time there), never during capture
         _, compile_time = _first_call(owner, _step, steps.update, energy, state, _draw(steps, x0, spare), ks[0],
-                                      steps.constants)
+                                      steps.constants, variant=_variant(steps.constants))
 
     def step(st: State, noise: tuple, k: Tensor) -> State:
         if compile:
-            return _compiled(_step, steps.update)(steps.update, energy, st, noise, k, steps.constants)[0]
+            return _compiled(_step, steps.update, _variant(steps.constants))(steps.update, energy, st, noise, k,
+                                                                             steps.constants)[0]
         return steps.update(_autograd(energy, False), st, noise, k, *steps.constants)[0]
 
     start = time.perf_counter()
@@ -294,7 +426,9 @@ class VectorField(nn.Module):
         if not self.use_compile:
             return self.flow.field(_autograd(self.energy, self.create_graph), x, *self.flow.constants)
         if self.nfe == 1:
-            out, seconds = _first_call(self.owner, _field, self.flow.field, self.energy, x, self.flow.constants)
+            out, seconds = _first_call(self.owner, _field, self.flow.field, self.energy, x, self.flow.constants,
+                                       variant=_variant(self.flow.constants))
             self.compile_time += seconds
             return out
-        return _compiled(_field, self.flow.field)(self.flow.field, self.energy, x, self.flow.constants)
+        return _compiled(_field, self.flow.field, _variant(self.flow.constants))(self.flow.field, self.energy, x,
+                                                                                 self.flow.constants)

@@ -105,9 +105,10 @@ class Sampler(RecordInit):
     * reports its last call in ``last_info`` (always ``"nfe"``, the energy-gradient evaluations;
       ``"compile_time"`` with ``compile=True``; an MCMC sampler adds ``"acceptance"``), and keeps
       ``last_nfe`` (that count) and ``compile_time`` (compilation seconds, accumulated);
-    * with ``compile=True`` runs each step (energy gradient and update) through ``torch.compile``,
-      with results equal to the eager loop's up to float rounding; it compiles on the first call
-      per input shape, dtype, device and mode.
+    * with ``compile=True`` runs its steps (energy gradient and update) through ``torch.compile``,
+      several steps per compiled call (``_backends.chunk_length``), with results equal to the
+      eager loop's up to float rounding, from the same random numbers; it compiles on the first
+      call per input shape, dtype, device and mode.
     """
 
     #: False for samplers that inject noise: their generator has no density

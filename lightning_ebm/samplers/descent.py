@@ -44,9 +44,9 @@ class GradientDescent(Sampler):
         step_size: s > 0.
         grad_clip: clamp every coordinate of ``grad E`` to ``[-grad_clip, grad_clip]``.
         clamp: clamp the state to ``(low, high)`` after every step (e.g. the data range).
-        compile: run each step (gradient and update) through ``torch.compile``; equal to the
-            eager loop up to float rounding, faster after a one-off compilation
-            (``compile_time``).
+        compile: run the steps (gradient and update) through ``torch.compile``, about ten
+            steps per compiled call; equal to the eager loop up to float rounding, faster after a
+            one-off compilation (``compile_time``).
         cuda_graph: on CUDA, capture the whole K-step loop in a CUDA graph on first use and
             replay it (no per-kernel launch cost); calls asking for a trajectory or a callback
             run step by step. Raises on other devices.
@@ -86,7 +86,7 @@ class Langevin(GradientDescent):
         noise_std: standard deviation of the Gaussian noise added at every step (>= 0).
         grad_clip: clamp every coordinate of ``grad E`` to ``[-grad_clip, grad_clip]``.
         clamp: clamp the state to ``(low, high)`` after every step (e.g. the data range).
-        compile: run each step through ``torch.compile`` (see ``GradientDescent``); the noise is
+        compile: run the steps through ``torch.compile`` (see ``GradientDescent``); the noise is
             drawn outside the compiled step, from the same stream, so results equal eager.
         cuda_graph: on CUDA, replay the K-step loop from a CUDA graph (see ``GradientDescent``);
             the noise then comes from ``generator`` registered with the graph.

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import struct
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,6 +23,8 @@ IMAGE_CONFIGS = [
     "digits_wandb.yaml",
     "digits_drl.yaml",
     "mnist.yaml",
+    "mnist_cpu.yaml",
+    "digits28.yaml",
     "cifar10.yaml",
     "cifar10_langevin.yaml",
     "celeba.yaml",
@@ -107,3 +111,46 @@ def test_digits_config_runs_and_samples(tmp_path):
     main(["sample", "--ckpt_path", str(ckpt), "--num_samples", "16", "--output", str(out)])
     # 4x4 grid of 8x8 digits enlarged 4x to readable 32-pixel tiles, 2-pixel padding (was 42x42 in all)
     assert imread(out).shape[:2] == (2 + 4 * (32 + 2), 2 + 4 * (32 + 2))
+
+
+def test_cpu_28x28_twins_differ_only_in_the_data():
+    """configs/mnist_cpu.yaml and configs/digits28.yaml: one recipe, two data sets (and two run names)."""
+    mnist, digits = (yaml.safe_load((CONFIGS / n).read_text()) for n in ("mnist_cpu.yaml", "digits28.yaml"))
+    assert mnist["trainer"]["logger"]["init_args"].pop("name") == "mnist_cpu"
+    assert digits["trainer"]["logger"]["init_args"].pop("name") == "digits28"
+    mnist_data, digits_data = mnist.pop("data"), digits.pop("data")
+    assert mnist == digits
+    assert mnist_data["init_args"]["name"] == "mnist"
+    assert digits_data["init_args"] == {"image_size": 28, "resize_mode": "resize", "batch_size": 64}
+    # both are 28x28 images of one channel, and the FID's feature network undoes the digits' resize
+    fid = next(cb for cb in digits["trainer"]["callbacks"] if cb["class_path"].endswith("FIDCallback"))
+    assert fid["init_args"]["feature"]["init_args"] == {"image_size": 28, "resize_mode": "resize"}
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """MNIST's idx format: magic (0, 0, 0x08 = uint8, ndim), big-endian dimensions, raw bytes."""
+    with open(path, "wb") as f:
+        f.write(bytes([0, 0, 0x08, array.ndim]))
+        f.write(struct.pack(f">{array.ndim}I", *array.shape))
+        f.write(array.astype(np.uint8).tobytes())
+
+
+def test_mnist_cpu_config_runs_on_idx_files(tmp_path):
+    """configs/mnist_cpu.yaml (shrunk) end to end on MNIST-format files written here: no download."""
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.random.default_rng(0).integers(0, 256, size=(160, 28, 28), dtype=np.uint8)
+    for split, n in (("train", 160), ("t10k", 16)):
+        _write_idx(raw / f"{split}-images-idx3-ubyte", images[:n])
+        _write_idx(raw / f"{split}-labels-idx1-ubyte", np.arange(n) % 10)
+    config = shrink(yaml.safe_load((CONFIGS / "mnist_cpu.yaml").read_text()), tmp_path)
+    config["data"]["init_args"].update(root=str(tmp_path / "data"), download=False, val_fraction=0.25)
+    path = tmp_path / "mnist_cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    (run,) = (tmp_path / "runs" / "mnist_cpu").glob("version_*")
+    header, *rows = (run / "metrics.csv").read_text().splitlines()
+    column = header.split(",").index("val/fid")
+    fid = [float(r.split(",")[column]) for r in rows if r.split(",")[column]]
+    assert len(fid) == 1 and fid[0] > 0
+    assert {"samples_step0000002.png", "dynamics_step0000002.png"} <= {p.name for p in (run / "images").glob("*.png")}

@@ -19,7 +19,7 @@ from sampler_helpers import TinyConv, x0
 from torch import nn
 
 from lightning_ebm.energies import MLPEnergy
-from lightning_ebm.samplers import ODE, GradientDescent, Langevin
+from lightning_ebm.samplers import HMC, MALA, ODE, GradientDescent, Langevin, _backends
 
 _spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).parents[2] / "benchmarks" / "run.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -58,6 +58,109 @@ def test_compiled_gradient_descent_is_the_matrix_power():
     torch.testing.assert_close(sampler(energy, z), expected, rtol=1e-12, atol=1e-12)
     assert sampler.compile_time == first  # same signature: nothing compiled, nothing counted
     assert "compile_time" not in repr(sampler) and "compile=True" in repr(sampler)
+
+
+@pytest.mark.parametrize("make", [
+    lambda c: GradientDescent(steps=23, step_size=0.05, grad_clip=0.5, compile=c),
+    lambda c: Langevin(steps=23, step_size=0.05, noise_std=0.1, clamp=(-2.0, 2.0), compile=c),
+    lambda c: MALA(steps=13, step_size=0.05, adapt_steps=3, compile=c),
+    lambda c: HMC(steps=5, step_size=0.05, num_leapfrog=3, compile=c),
+], ids=["gd", "langevin", "mala", "hmc"])
+def test_compiled_chunks_equal_eager_with_the_same_random_numbers(make, mlp):
+    """K not a multiple of the chunk: full compiled chunks, then the rest step by step; same generator,
+    same numbers (the noise of a chunk is drawn before it, in the eager order)."""
+    start = x0(SHAPE)
+    eager, compiled = make(False), make(True)
+    steps = compiled.dynamics()
+    c = _backends.chunk_length(steps)
+    assert c == max(1, min(steps.num_steps, _backends.CHUNK_EVALUATIONS // steps.evaluations))
+    ref = eager(mlp, start, generator=torch.Generator().manual_seed(7))
+    out = compiled(mlp, start, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert compiled.last_info["nfe"] == eager.last_info["nfe"]
+    for key in set(eager.last_info) - {"nfe"}:  # acceptance, adapted step size
+        assert compiled.last_info[key] == pytest.approx(eager.last_info[key], abs=1e-6)
+    first = compiled.compile_time
+    assert 0 < first == compiled.last_info["compile_time"]
+    compiled(mlp, start, generator=torch.Generator().manual_seed(7))
+    assert compiled.compile_time == first and compiled.last_info["compile_time"] == 0.0
+
+
+def test_compiled_chunks_do_not_recompile_across_calls_and_steps(mlp):
+    """One graph per chunk length: the steps of a call and later calls reuse it (no recompilation)."""
+    from torch._dynamo.utils import counters
+
+    sampler, start = Langevin(steps=35, step_size=0.05, noise_std=0.1, compile=True), x0(SHAPE)
+    sampler(mlp, start)  # a chunk of 10 and the single step of the rest, compiled once each
+    before = counters["stats"]["unique_graphs"]
+    for _ in range(2):
+        sampler(mlp, start)
+    assert counters["stats"]["unique_graphs"] == before
+
+
+def test_compiled_memory_is_flat_from_k_10_to_200(mlp):
+    """The issue's measure: peak bytes of one call at K = 10 and K = 200, eager and compiled."""
+    start, cpu = x0((1024, 2)), torch.device("cpu")
+    for compile in (False, True):
+        for make in (lambda k, c=compile: GradientDescent(steps=k, step_size=0.05, compile=c),
+                     lambda k, c=compile: Langevin(steps=k, step_size=0.05, noise_std=0.1, compile=c)):
+            peaks = []
+            for k in (10, 200):
+                sampler = make(k)
+                sampler(mlp, start)  # compile outside the measurement
+                peaks.append(bench.peak_bytes(lambda s=sampler: s(mlp, start), cpu))
+            assert peaks[1] / peaks[0] < 1.05, (compile, peaks)
+
+
+def test_eager_sampling_freezes_parameters_only_for_the_call(mlp):
+    """The eager loop runs with the parameters frozen (as the careful plain loop does) and gives every
+    flag back, also a parameter frozen by the user and also when the energy raises."""
+    energy = copy.deepcopy(mlp)
+    energy.net[0].bias.requires_grad_(False)
+    flags = [p.requires_grad for p in energy.parameters()]
+    seen = []
+
+    def record(module, args, output):
+        seen.append([p.requires_grad for p in energy.parameters()])
+
+    handle = energy.register_forward_hook(record)
+    GradientDescent(steps=3, step_size=0.05)(energy, x0(SHAPE))
+    assert seen and not any(any(s) for s in seen)
+    assert [p.requires_grad for p in energy.parameters()] == flags
+
+    class Boom(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    boom = Boom()
+    with pytest.raises(RuntimeError, match="boom"):
+        GradientDescent(steps=3, step_size=0.05)(boom, x0(SHAPE))
+    assert boom.w.requires_grad
+    handle.remove()
+    # any callable energy: a bound method of a module (frozen too), a plain function (nothing to freeze)
+    class Holder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = copy.deepcopy(mlp)
+
+        def energy(self, x):
+            seen.append(any(p.requires_grad for p in self.parameters()))
+            return self.net(x)
+
+    holder, seen = Holder(), []
+    start = x0(SHAPE)
+    torch.testing.assert_close(GradientDescent(steps=3, step_size=0.05)(holder.energy, start),
+                               GradientDescent(steps=3, step_size=0.05)(mlp, start))
+    assert seen == [False] * 3 and all(p.requires_grad for p in holder.parameters())
+    x = GradientDescent(steps=3, step_size=0.05)(lambda y: 0.5 * y.pow(2).sum(1), start)
+    torch.testing.assert_close(x, start * 0.95**3)
+    # the unrolled generator (differentiable_steps) keeps the parameters live: x_K depends on them
+    x = GradientDescent(steps=3, step_size=0.05)(energy, x0(SHAPE), differentiable_steps=1)
+    assert x.requires_grad
 
 
 def test_compiled_path_keeps_the_clear_energy_shape_error():
@@ -199,3 +302,16 @@ def test_channels_last_gives_the_same_samples_and_keeps_the_format(make):
     out = make()(energy_cl, start.contiguous(memory_format=CL), generator=torch.Generator().manual_seed(2))
     assert out.is_contiguous(memory_format=CL) and not out.is_contiguous()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_script_skips_cleanly_without_cuda(tmp_path):
+    """benchmarks/gpu.py, the one prepared GPU check: on a machine without CUDA it says so and exits 0."""
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[2] / "benchmarks" / "gpu.py"), "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no CUDA device: nothing measured" in result.stdout
+    assert not list(tmp_path.iterdir())  # no report with invented figures

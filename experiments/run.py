@@ -238,12 +238,25 @@ def grid_densities(checkpoint: Path, dataset: str, grid_size: int = 100) -> dict
     log_data = toy_log_density(dataset, points)
     with torch.no_grad():
         log_ebm = density.ebm_log_density(model.energy, points, area)
+    log_gen, note = None, _no_density_note(model)
+    if note is None:
+        try:
+            log_gen = model.generator_log_prob(points, batch_size=4096, generator=torch.Generator().manual_seed(0))
+        except ValueError as err:  # a gradient-descent step that is not a contraction of the final energy
+            print(f"  {checkpoint.parents[3].name}: no generator density ({str(err).splitlines()[0][:100]})")
+            note = "q undefined: the final\ndynamics are not invertible"
+    return {"area": area, "size": grid_size, "data": log_data, "gen": log_gen, "ebm": log_ebm, "note": note}
+
+
+def _no_density_note(model) -> str | None:
+    """Why the generator of ``model`` has no density by construction (a noisy sampler), else ``None``."""
+    from lightning_ebm import density
+
     try:
-        log_gen = model.generator_log_prob(points, batch_size=4096, generator=torch.Generator().manual_seed(0))
-    except ValueError as err:  # no density rule for the sampler (DRL), or a step that is not invertible
-        print(f"  {checkpoint.parents[2].name}: no generator density ({str(err).splitlines()[0][:100]})")
-        log_gen = None
-    return {"area": area, "size": grid_size, "data": log_data, "gen": log_gen, "ebm": log_ebm}
+        density.check_density(model.sampler, model.latent)
+    except ValueError:
+        return "no density\n(noisy generator)"
+    return None
 
 
 def evaluate_objective_runs(runs: list[Run], results: list[dict]) -> None:
@@ -285,6 +298,7 @@ def summarise_objectives(results: list[dict], floors: dict[str, dict], out: Path
                 if values:
                     row[f"{metric}_mean"] = statistics.fmean(values)
                     row[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                    row[f"{metric}_runs"] = len(values)
             rows.append(row)
     with open(out / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
@@ -296,7 +310,14 @@ def summarise_objectives(results: list[dict], floors: dict[str, dict], out: Path
         writer.writerows(results)
 
     def cell(r: dict, m: str, digits: int) -> str:
-        return f"{r[f'{m}_mean']:.{digits}f} ± {r[f'{m}_std']:.{digits}f}" if f"{m}_mean" in r else "—"
+        if f"{m}_mean" not in r:
+            return "—"
+        text = f"{r[f'{m}_mean']:.{digits}f}"
+        if r[f"{m}_runs"] > 1:
+            text += f" ± {r[f'{m}_std']:.{digits}f}"
+        if r[f"{m}_runs"] < r["runs"]:  # q exists only where the final dynamics can be inverted
+            text += f" ({r[f'{m}_runs']} of {r['runs']})"
+        return text
 
     lines = ["| dataset | objective | runs | " + " | ".join(label for _, label, _ in OBJECTIVE_COLUMNS) + " |",
              "|" + "---|" * (len(OBJECTIVE_COLUMNS) + 3)]
@@ -334,7 +355,7 @@ def plot_objectives(runs: list[Run], results: list[dict], out: Path) -> list[Pat
                 ax.set_yticks([])
                 ax.set_title(title, fontsize=8)
                 if log_p is None:
-                    ax.text(0.5, 0.5, "no density\n(noisy generator)", ha="center", va="center", fontsize=8)
+                    ax.text(0.5, 0.5, g.get("note") or "no density", ha="center", va="center", fontsize=8)
                     continue
                 ax.imshow(log_p.double().exp().reshape(n, n).numpy(), origin="lower", extent=OBJECTIVE_BOUNDS,
                           vmin=0, vmax=top, cmap="viridis")

@@ -33,10 +33,13 @@ _EVAL_SEED_OFFSET = 2_147_483_629  # validation draws its own stream, never the 
 _OBJECTIVE_KEY = "lightning_ebm_objective"  # checkpoint key of the objective's own state (see Objective.state_dict)
 
 
+_NOT_ESTIMATED = -1.0  # log_z_stderr before any estimate: finite (every state stays finite), never a real error bar
+
+
 def _fill_missing_log_partition(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-    """A state dict from before ``log_z`` existed loads as "not estimated" (``log_z_stderr = inf``)."""
+    """A state dict from before ``log_z`` existed loads as "not estimated" (``log_z_stderr = -1``)."""
     state_dict.setdefault(prefix + "log_z", torch.zeros((), dtype=torch.float64))
-    state_dict.setdefault(prefix + "log_z_stderr", torch.full((), math.inf, dtype=torch.float64))
+    state_dict.setdefault(prefix + "log_z_stderr", torch.full((), _NOT_ESTIMATED, dtype=torch.float64))
 
 
 def _check_batch_size(method: str, batch_size: Any) -> None:
@@ -283,12 +286,13 @@ class EBM(L.LightningModule):
 
     # ------------------------------------------------------------------ the EBM's own density
     def _init_log_partition(self) -> None:
-        """Buffers for ``log Z`` and its standard error, ``(0, inf)`` until estimated (an infinite error
-        bar: unknown; NaN would make equal models compare unequal): they travel in the ``state_dict``,
+        """Buffers for ``log Z`` and its standard error, ``(0, -1)`` until estimated (a negative error
+        bar: unknown; finite, so that checks that every state is finite, such as the divergence guard's
+        tests, hold, and equal models compare equal, which NaN would break): they travel in the ``state_dict``,
         hence in checkpoints and ``save_pretrained``; state dicts written before they existed load as
         not estimated."""
         self.register_buffer("log_z", torch.zeros((), dtype=torch.float64))
-        self.register_buffer("log_z_stderr", torch.full((), math.inf, dtype=torch.float64))
+        self.register_buffer("log_z_stderr", torch.full((), _NOT_ESTIMATED, dtype=torch.float64))
         self.register_load_state_dict_pre_hook(_fill_missing_log_partition)
 
     def estimate_log_partition(self, *, latent: Latent | None = None, num_chains: int = 256,
@@ -317,8 +321,8 @@ class EBM(L.LightningModule):
         return result
 
     def _require_log_z(self, method: str) -> Tensor:
-        if not bool(torch.isfinite(self.log_z_stderr)):
-            raise RuntimeError(f"EBM.{method}: log Z has not been estimated (log_z_stderr is inf); call "
+        if not float(self.log_z_stderr) >= 0:
+            raise RuntimeError(f"EBM.{method}: log Z has not been estimated (log_z_stderr is -1); call "
                                "model.estimate_log_partition(...) first (it stores log_z and log_z_stderr, which "
                                "checkpoints then carry)")
         return self.log_z

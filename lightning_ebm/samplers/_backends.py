@@ -207,11 +207,17 @@ def _frozen(energy: Callable) -> contextlib.AbstractContextManager:
 
 
 def _fast_autograd(energy: nn.Module) -> GradFn:
-    """The eager ``GradFn`` of the plain loop (grad already enabled, output shape checked once)."""
+    """The eager ``GradFn`` of the plain loop: grad already enabled, the energy's output shape
+    checked on the first evaluation only (eagerly it cannot change between steps)."""
+    unchecked = True
 
     def grad(x: Tensor, with_energy: bool = False) -> Any:
+        nonlocal unchecked
         x = x.detach().requires_grad_(True)
         e = energy(x)
+        if unchecked:
+            check_energy_output(e, x)
+            unchecked = False
         (g,) = torch.autograd.grad(e.sum(), x)
         return (g, e.detach()) if with_energy else g
 
@@ -273,29 +279,15 @@ def run_steps(
 
 
 def _run_eager(steps: Steps, energy: nn.Module, state: State, generator: torch.Generator | None) -> Run:
-    """The plain loop: parameters frozen, ``torch.autograd.grad`` on the input, nothing else per step.
-
-    The energy's output shape is checked once, on the first evaluation (eagerly it cannot change).
-    """
+    """The plain loop: parameters frozen, ``torch.autograd.grad`` on the input, nothing else per step."""
     n = steps.num_steps
     ks = torch.arange(n, device=state[0].device).unbind()
     grad = _fast_autograd(energy)
-    checked = False
-
-    def first(x: Tensor, with_energy: bool = False) -> Any:
-        nonlocal checked
-        x = x.detach().requires_grad_(True)
-        e = energy(x)
-        check_energy_output(e, x)
-        checked = True
-        (g,) = torch.autograd.grad(e.sum(), x)
-        return (g, e.detach()) if with_energy else g
-
     update, constants, draw = steps.update, steps.constants, steps.draw
     with torch.enable_grad(), _frozen(energy):
         for k in range(n):
             noise = () if draw is None else draw(state[0], generator)
-            state = update(grad if checked else first, state, noise, ks[k], *constants)[0]
+            state = update(grad, state, noise, ks[k], *constants)[0]
     return Run(state, None, n * steps.evaluations, 0.0)
 
 

@@ -55,7 +55,7 @@ SECTIONS = ("sampler", "ode", "train", "memory")
 
 # --------------------------------------------------------------------------- the reference
 def plain_loop(energy: nn.Module, x: torch.Tensor, steps: int, step_size: float, noise_std: float = 0.0,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, clamp: tuple[float, float] | None = None) -> torch.Tensor:
     """The reference: what anyone would write by hand, the limit of eager PyTorch."""
     for _ in range(steps):
         x = x.detach().requires_grad_()
@@ -63,6 +63,8 @@ def plain_loop(energy: nn.Module, x: torch.Tensor, steps: int, step_size: float,
         x = x - step_size * g
         if noise_std:
             x = x + noise_std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if clamp is not None:
+            x = x.clamp(*clamp)
     return x.detach()
 
 

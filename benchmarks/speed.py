@@ -237,14 +237,13 @@ class Speed:
             plain_energy = copy.deepcopy(model.energy)
             opt_args = model_args["optimizer"]["init_args"]
             plain_opt = torch.optim.Adam(plain_energy.parameters(), **opt_args)
-            low, high = model_args["latent"]["init_args"]["low"], model_args["latent"]["init_args"]["high"]
             gen = torch.Generator().manual_seed(1)
 
-            def plain_step(x, plain_energy=plain_energy, plain_opt=plain_opt, k=k, s=s, low=low, high=high, gen=gen,
-                           alpha=alpha):
-                z = torch.rand(x.shape, generator=gen) * (high - low) + low
+            def plain_step(x, plain_energy=plain_energy, plain_opt=plain_opt, k=k, s=s, latent=model.latent, gen=gen,
+                           alpha=alpha, clamp=sampler.clamp):
+                z = latent.sample(x.shape[0], generator=gen)  # the recipe's own start (noise: negligible work)
                 plain_energy.requires_grad_(False)
-                x_gen = base.plain_loop(plain_energy, z, k, s)
+                x_gen = base.plain_loop(plain_energy, z, k, s, clamp=clamp)
                 plain_energy.requires_grad_(True)
                 e_data, e_gen = plain_energy(x), plain_energy(x_gen)
                 loss = e_data.mean() - e_gen.mean() + alpha * (e_data.pow(2).mean() + e_gen.pow(2).mean())

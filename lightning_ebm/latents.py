@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_float, check_int, check_shape, check_type, fail
+from ._checks import check_choice, check_float, check_int, check_shape, check_type, fail
 from ._config import RecordInit
 from .energies import check_labels
 
-__all__ = ["Latent", "PersistentLatent", "Uniform", "Gaussian", "ReplayBuffer"]
+__all__ = ["Latent", "PersistentLatent", "Uniform", "Gaussian", "Upsampled", "ReplayBuffer"]
 
 
 class Latent(RecordInit, nn.Module):
@@ -106,6 +106,48 @@ class Gaussian(Latent):
 
     def extra_repr(self) -> str:
         return f"shape={self.shape}, mean={self.mean}, std={self.std}"
+
+
+class Upsampled(Latent):
+    """Coarse noise made smooth: draws from ``latent`` at a low resolution and resizes it to ``size``.
+
+    Images are smooth at the scale of their pixels; pixel-wise noise is not, and a short run of
+    gradient descent from it spends its steps removing hundreds of dimensions of high-frequency
+    noise before it can draw a shape. ``Upsampled(Uniform([1, 7, 7]), size=[28, 28])`` starts
+    every chain as 7x7 uniform noise interpolated to 28x28 (``mode`` as ``F.interpolate``; the
+    default, ``bilinear``, keeps the values inside the coarse noise's range). The upsampled
+    noise lies on a low-dimensional subspace of the image space, so it has no density there
+    (``log_prob`` raises); it wraps any non-persistent latent whose shape is ``(C, h, w)``, and a
+    ``ReplayBuffer`` can wrap it in turn.
+    """
+
+    has_density = False
+
+    def __init__(self, latent: Latent, size: Sequence[int], mode: str = "bilinear") -> None:
+        super().__init__()
+        check_type("Upsampled", "latent", latent, Latent, "a Uniform, Gaussian or other non-buffer Latent")
+        if isinstance(latent, PersistentLatent) or len(latent.shape) != 3:
+            raise fail("Upsampled", "latent", "a non-buffer Latent of shape (channels, height, width)", latent)
+        size = check_shape("Upsampled", "size", size)
+        if len(size) != 2:
+            raise fail("Upsampled", "size", "(height, width) of the images, two positive integers", size)
+        self.mode = check_choice("Upsampled", "mode", mode, ("nearest", "bilinear", "bicubic", "area"))
+        self.latent, self.size = latent, size
+        self.shape = (latent.shape[0], *size)
+
+    def sample(self, n, *, generator=None, device=None, dtype=None) -> Tensor:
+        self._check_n(n)
+        coarse = self.latent.sample(n, generator=generator, device=device, dtype=dtype)
+        corners = {} if self.mode in ("nearest", "area") else {"align_corners": False}
+        return torch.nn.functional.interpolate(coarse, size=self.size, mode=self.mode, **corners)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        raise ValueError(
+            "Upsampled has no density on the image space (its noise lies on a low-dimensional subspace); "
+            "use Uniform or Gaussian at full resolution for the generator's density")
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, mode={self.mode!r}"
 
 
 class PersistentLatent(Latent):

@@ -18,12 +18,15 @@ import torch
 
 from lightning_ebm import latents
 from lightning_ebm._checks import ArgumentError
-from lightning_ebm.latents import Gaussian, Latent, PersistentLatent, ReplayBuffer, Uniform
+from lightning_ebm.latents import Gaussian, Latent, PersistentLatent, ReplayBuffer, Uniform, Upsampled
 
 LATENTS = {
     "Uniform": [lambda: Uniform((2,), low=-2.0, high=3.0), lambda: Uniform((1, 3, 3))],
     "Gaussian": [lambda: Gaussian((3,), mean=1.0, std=0.5), lambda: Gaussian((2, 2))],
+    "Upsampled": [lambda: Upsampled(Uniform((1, 3, 3)), size=(6, 5)),
+                  lambda: Upsampled(Gaussian((2, 2, 2)), size=(4, 4), mode="nearest")],
     "ReplayBuffer": [lambda: ReplayBuffer(Gaussian((2,)), capacity=32, reinit_prob=0.25),
+                     lambda: ReplayBuffer(Upsampled(Uniform((1, 2, 2)), size=(4, 4)), capacity=8),
                      lambda: ReplayBuffer(Uniform((1, 2, 2), low=-1.0, high=1.0), capacity=16, reinit_prob=0.0)],
 }
 #: exported interfaces: no instances, every method a subclass must define raises NotImplementedError

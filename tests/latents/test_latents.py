@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_ebm._checks import ArgumentError
-from lightning_ebm.latents import Gaussian, ReplayBuffer, Uniform
+from lightning_ebm.latents import Gaussian, ReplayBuffer, Uniform, Upsampled
 
 
 def test_uniform_sample_range_and_log_prob():
@@ -144,5 +144,38 @@ def test_replay_buffer_sample_serves_any_number_without_writing():
     ],
 )
 def test_wrong_types_get_the_librarys_message_not_pythons(build, match):
+    with pytest.raises(ArgumentError, match=match):
+        build()
+
+
+def test_upsampled_is_the_coarse_draw_interpolated():
+    """Same stream as the coarse latent; bilinear values checked against a by-hand float64 interpolation."""
+    coarse = Uniform((1, 2, 2), low=-1.0, high=1.0)
+    latent = Upsampled(coarse, size=(4, 4))
+    z = latent.sample(3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    c = coarse.sample(3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert z.shape == (3, 1, 4, 4) and latent.shape == (1, 4, 4) and not latent.has_density
+    # half-pixel centres (align_corners=False): output i of 4 reads input (i + 0.5) / 2 - 0.5, clamped to [0, 1]
+    w = torch.tensor([[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(z, torch.einsum("ia,nab,jb->nij", w, c[:, 0], w).unsqueeze(1))
+    assert z.min() >= -1.0 and z.max() <= 1.0  # a convex combination stays in the coarse range
+    nearest = Upsampled(coarse, size=(4, 4), mode="nearest").sample(3, generator=torch.Generator().manual_seed(0))
+    c32 = coarse.sample(3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(nearest, c32.repeat_interleave(2, 2).repeat_interleave(2, 3))
+    with pytest.raises(ValueError, match="Upsampled has no density"):
+        latent.log_prob(z)
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: Upsampled(Uniform((7, 7)), size=(28, 28)), "latent must be a non-buffer Latent of shape"),
+        (lambda: Upsampled(ReplayBuffer(Uniform((1, 7, 7))), size=(28, 28)), "non-buffer Latent"),
+        (lambda: Upsampled(Uniform((1, 7, 7)), size=(28,)), r"size must be \(height, width\)"),
+        (lambda: Upsampled(Uniform((1, 7, 7)), size=(28, 28), mode="linear"), "mode must be one of"),
+        (lambda: Upsampled("noise", size=(28, 28)), "latent must be a Uniform, Gaussian"),
+    ],
+)
+def test_upsampled_bad_arguments_are_named(build, match):
     with pytest.raises(ArgumentError, match=match):
         build()

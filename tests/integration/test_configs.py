@@ -50,12 +50,19 @@ def test_config_parses_and_shapes_agree(name):
     config = print_config(CONFIGS / name)
     model = config["model"]["init_args"]
     energy = model["energy"]["init_args"]
-    shape = model["latent"]["init_args"]["shape"]
+    shape = list(instantiate(model["latent"]).shape)
     assert shape == [energy["in_channels"], energy["image_size"], energy["image_size"]]
-    data = config["data"]
-    module, _, cls = data["class_path"].rpartition(".")
-    datamodule = getattr(__import__(module, fromlist=[cls]), cls)(**data["init_args"])  # no files touched
+    datamodule = instantiate(config["data"])  # no files touched
     assert list(datamodule.sample_shape) == shape
+
+
+def instantiate(spec):
+    """A ``class_path``/``init_args`` tree of the printed config, built (nested latents included)."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        module, _, cls = spec["class_path"].rpartition(".")
+        return getattr(__import__(module, fromlist=[cls]), cls)(**{k: instantiate(v) for k, v in
+                                                                    spec.get("init_args", {}).items()})
+    return spec
 
 
 def test_wandb_variant_is_digits_plus_a_wandb_logger():

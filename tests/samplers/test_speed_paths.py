@@ -315,3 +315,19 @@ def test_gpu_script_skips_cleanly_without_cuda(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "no CUDA device: nothing measured" in result.stdout
     assert not list(tmp_path.iterdir())  # no report with invented figures
+
+
+def test_speed_benchmark_train_section_runs_on_every_shipped_recipe(monkeypatch):
+    """benchmarks/speed.py's train section on the toy2d, digits and digits28 configs as shipped (two
+    steps each, untimed claims): its hand-written step must follow whatever latent and clamp a recipe
+    uses (it once read a Uniform's low/high and crashed on any other latent)."""
+    spec = importlib.util.spec_from_file_location("bench_speed", Path(__file__).parents[2] / "benchmarks" / "speed.py")
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    monkeypatch.setattr(speed, "torchebm_cd", lambda *args, **kwargs: None)  # the peer (when installed): not here
+    args = speed.parse_args(["--only", "train", "--train-steps", "2", "--train-rounds", "1", "--no-compile"])
+    run = speed.Speed(args)
+    run.train()
+    rows = run.rows["train"]
+    assert [r[0].split()[0] for r in rows] == ["toy2d.yaml"] * 2 + ["digits.yaml"] * 2 + ["digits28.yaml"] * 2
+    assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows), rows

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import importlib.util
 import logging
 import signal
@@ -50,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from lightning_ebm import EBM
+from lightning_ebm._config import build
 from lightning_ebm.energies import ConvEnergy, MLPEnergy
 from lightning_ebm.samplers import ODE, GradientDescent, Langevin
 
@@ -103,15 +103,6 @@ def median_seconds(fn: Callable[[], object], reps: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-def build(spec):
-    """Instantiate a YAML ``class_path``/``init_args`` tree (the data modules of the recipes)."""
-    if isinstance(spec, dict) and "class_path" in spec:
-        module, _, name = spec["class_path"].rpartition(".")
-        return getattr(importlib.import_module(module), name)(**{k: build(v) for k, v in
-                                                                 spec.get("init_args", {}).items()})
-    return spec
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -228,7 +219,7 @@ class Speed:
             model_args, data_spec = self.recipe(name)
             torch.manual_seed(0)
             model = EBM(**model_args, rng_seed=0)
-            datamodule = build(data_spec)
+            datamodule = build(data_spec, "data")
             datamodule.setup("fit")
             batches = [b for _, b in zip(range(a.train_steps), datamodule.train_dataloader(), strict=False)]
             batches = [b[0] if isinstance(b, (list, tuple)) else b for b in batches]

@@ -15,6 +15,7 @@ import torch
 import yaml
 from matplotlib.image import imread
 
+from lightning_ebm._config import build
 from lightning_ebm.cli import main
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -50,19 +51,10 @@ def test_config_parses_and_shapes_agree(name):
     config = print_config(CONFIGS / name)
     model = config["model"]["init_args"]
     energy = model["energy"]["init_args"]
-    shape = list(instantiate(model["latent"]).shape)
+    shape = list(build(model["latent"], "latent").shape)
     assert shape == [energy["in_channels"], energy["image_size"], energy["image_size"]]
-    datamodule = instantiate(config["data"])  # no files touched
+    datamodule = build(config["data"], "data")  # no files touched
     assert list(datamodule.sample_shape) == shape
-
-
-def instantiate(spec):
-    """A ``class_path``/``init_args`` tree of the printed config, built (nested latents included)."""
-    if isinstance(spec, dict) and "class_path" in spec:
-        module, _, cls = spec["class_path"].rpartition(".")
-        return getattr(__import__(module, fromlist=[cls]), cls)(**{k: instantiate(v) for k, v in
-                                                                    spec.get("init_args", {}).items()})
-    return spec
 
 
 def test_wandb_variant_is_digits_plus_a_wandb_logger():

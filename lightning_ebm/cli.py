@@ -24,6 +24,8 @@ import torch
 import yaml
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
@@ -184,7 +186,9 @@ class EBMCLI(LightningCLI):
     with ``AtomicCheckpointIO`` (crash-safe) unless the config names another checkpoint plugin.
     ``fit`` adds a ``PreemptionCheckpoint`` unless the config has one (SIGTERM, Ctrl-C, SIGUSR1:
     a checkpoint of the step reached, then exit), and ``fit --ckpt_path last`` (or a checkpoint
-    file of a run) continues that run's directory; see ``lightning_ebm._resume``.
+    file of a run) continues that run's directory; see ``lightning_ebm._resume``. ``predict``
+    writes the predictions (``EBM.predict_step``: energies, and logits for a classifier energy)
+    to ``predictions.pt`` in the run directory unless the config has a ``BasePredictionWriter``.
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs) -> None:
@@ -243,6 +247,12 @@ class EBMCLI(LightningCLI):
         if trainer.is_global_zero:
             print(run_summary(trainer), flush=True)
 
+    def after_predict(self) -> None:
+        """Say where ``PredictionsFile`` wrote the predictions (after the progress bar has closed)."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PredictionsFile) and callback.path is not None:
+                print(f"{PROG} predict: wrote {callback.summary} to {callback.path}", flush=True)
+
     def _check_ckpt_path(self) -> None:
         config = self.config.get(str(self.subcommand), None) if self.subcommand else None
         ckpt = config.get("ckpt_path") if config is not None else None
@@ -267,6 +277,8 @@ class EBMCLI(LightningCLI):
                 trainer.callbacks.append(preemption[0])
             for callback in preemption:
                 callback.resume_command = callback.resume_command or _resume_command(self._argv)
+        if self.subcommand == "predict" and not any(isinstance(c, BasePredictionWriter) for c in trainer.callbacks):
+            trainer.callbacks.append(PredictionsFile())
         self._last_validation = _LastValidation()
         trainer.callbacks.append(self._last_validation)
         return trainer
@@ -288,6 +300,38 @@ class EBMCLI(LightningCLI):
             for logger in self.trainer.loggers:
                 if Path(logger.log_dir or "").resolve() == plan.run_dir.resolve():
                     _resume.continue_csv_metrics(logger, plan.global_step)
+
+
+class PredictionsFile(BasePredictionWriter):
+    """Writes a predict run's outputs to ``<run directory>/predictions.pt``: each key of the
+    per-batch dicts concatenated over the batches, in the dataloader's order (under DDP each rank
+    writes ``predictions_rank<r>.pt`` with the ``indices`` of its samples)."""
+
+    def __init__(self) -> None:
+        super().__init__(write_interval="epoch")
+        self.path: Path | None = None
+        self.summary = ""
+
+    def write_on_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, predictions: Any,
+                           batch_indices: Any) -> None:
+        from .callbacks.logging import run_dir
+
+        if predictions and isinstance(predictions[0], list):  # several predict dataloaders: one after another
+            predictions = [p for loader in predictions for p in loader]
+            batch_indices = [b for loader in batch_indices for b in loader]
+        out: dict[str, Any] = {}
+        if predictions and isinstance(predictions[0], dict):
+            out = {key: torch.cat([p[key].detach().cpu() for p in predictions]) for key in predictions[0]}
+        elif predictions:
+            out = {"predictions": torch.cat([torch.as_tensor(p).detach().cpu() for p in predictions])}
+        name = "predictions.pt"
+        if trainer.world_size > 1:
+            out["indices"] = torch.as_tensor([i for batch in batch_indices for i in batch])
+            name = f"predictions_rank{trainer.global_rank}.pt"
+        self.path = run_dir(trainer) / name
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, self.path)
+        self.summary = ", ".join(f"{k} {tuple(v.shape)}" for k, v in out.items())
 
 
 def _resume_command(argv: list[str] | None) -> str | None:
@@ -437,6 +481,10 @@ def run(argv: list[str]) -> None:
         _run_cli(argv)
     except ConfigError as err:
         raise ConfigError(_with_source(str(err), argv)) from err.__cause__
+    except MisconfigurationException as err:  # Lightning's word on a set-up mistake, e.g. no test_dataloader
+        if _debug():
+            raise
+        raise ConfigError(str(err)) from err
 
 
 def _with_source(message: str, argv: list[str]) -> str:

@@ -60,6 +60,11 @@ class EBM(L.LightningModule):
 
     with the generated samples detached (``sg``).
 
+    Validation logs ``val/mmd`` and ``val/sw`` of generated samples against held-out data next
+    to their data-vs-data floors, and ``val/energy_data`` (``val/acc`` for a classifier energy);
+    ``trainer.test`` logs the same on the test split as ``test/...``; ``trainer.predict`` returns
+    per batch ``{"energy": E(x)}``, plus ``"logits"`` for a classifier energy.
+
     Args:
         energy: the critic, any ``nn.Module`` mapping ``(B, *shape)`` to ``(B,)``.
         sampler: the generator's dynamics (``GradientDescent``, ``Langevin``, ``ODE`` or any
@@ -74,7 +79,7 @@ class EBM(L.LightningModule):
         rng_seed: seed of the module's own random stream (latent draws, noise, jitter); ``None``
             derives it from the global seed. Each DDP rank adds its rank, so ranks draw different
             chains. The stream's state is saved in checkpoints.
-        val_max_samples: cap on the held-out points used for the validation metrics.
+        val_max_samples: cap on the held-out points used for the validation (and test) metrics.
         check_finite: raise on non-finite values in a training batch (one device sync per step).
         generator_loss_weight: weight of the default objective's optional generator loss
             ``mean E_sg(G(z))`` through the last ``generator_loss_steps`` steps of the dynamics
@@ -481,20 +486,45 @@ class EBM(L.LightningModule):
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    # ------------------------------------------------------------------ validation
+    # ------------------------------------------------------------------ validation, test and predict
     def on_validation_epoch_start(self) -> None:
         self._val_batches = []
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        x = self._data(batch, batch_idx, "validation")
-        self._val_batches.append(x)
-        with torch.no_grad():
-            self.log("val/energy_data", self(x).mean(), sync_dist=True)
-            y = self._labels(batch, x)
-            if y is not None and callable(getattr(self.energy, "logits", None)):  # a classifier energy
-                self.log("val/acc", (self.energy.logits(x).argmax(1) == y).float().mean(), sync_dist=True)
+        self._evaluation_step(batch, batch_idx, "val")
 
     def on_validation_epoch_end(self) -> None:
+        self._evaluation_epoch_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._val_batches = []
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        """The validation metrics on the test split, logged as ``test/...``."""
+        self._evaluation_step(batch, batch_idx, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._evaluation_epoch_end("test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """``{"energy": E(x)}`` ``(B,)`` of a batch, plus ``"logits"`` ``(B, C)`` for a classifier energy."""
+        x = self._data(batch, batch_idx, "predict")
+        with torch.no_grad():
+            out = {"energy": self(x)}
+            if callable(getattr(self.energy, "logits", None)):
+                out["logits"] = self.energy.logits(x)
+        return out
+
+    def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+        x = self._data(batch, batch_idx, "validation" if stage == "val" else stage)
+        self._val_batches.append(x)
+        with torch.no_grad():
+            self.log(f"{stage}/energy_data", self(x).mean(), sync_dist=True)
+            y = self._labels(batch, x)
+            if y is not None and callable(getattr(self.energy, "logits", None)):  # a classifier energy
+                self.log(f"{stage}/acc", (self.energy.logits(x).argmax(1) == y).float().mean(), sync_dist=True)
+
+    def _evaluation_epoch_end(self, stage: str) -> None:
         if not self._val_batches:
             return
         data = torch.cat(self._val_batches)
@@ -507,7 +537,7 @@ class EBM(L.LightningModule):
             return
         ref, floor_sample = data[:half], data[half : 2 * half]
         metrics = self.sample_quality(ref, floor_sample)
-        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, sync_dist=False)
+        self.log_dict({f"{stage}/{k}": v for k, v in metrics.items()}, sync_dist=False)
 
     def sample_quality(self, reference: Tensor, data_sample: Tensor | None = None, seed: int = 0) -> dict[str, Tensor]:
         """MMD and sliced Wasserstein between generated samples and ``reference`` data.

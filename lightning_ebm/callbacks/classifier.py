@@ -16,7 +16,7 @@ from .._checks import check_choice, check_int, check_pair
 from ..metrics import auroc, expected_calibration_error, reliability_bins
 from .ema import averaged_weights
 from .images import default_pixel_scale, image_grid
-from .logging import EveryNSteps, log_image
+from .logging import Evaluation, EveryNSteps, log_image
 
 __all__ = ["ClassifierMetrics", "OODDetection", "ConditionalSampleGrid", "ood_sets", "ood_scores",
            "reliability_diagram", "OOD_SETS", "OOD_SCORES"]
@@ -57,14 +57,16 @@ def reliability_diagram(probs: Tensor, labels: Tensor, num_bins: int = 15, title
     return fig
 
 
-class ClassifierMetrics(L.Callback):
+class ClassifierMetrics(Evaluation):
     """Accuracy, expected calibration error, NLL and a reliability diagram on the labelled validation data.
 
     Every ``every_n_validations``-th validation run (not the sanity check) the logits of the
     validation batches ``(x, y)`` (``pl_module.logits``) are gathered on this rank; the callback
     logs ``val/ece`` and ``val/nll`` (the module itself logs ``val/acc``) and the picture
     ``reliability`` through ``log_image``, and keeps the numbers in ``last``
-    (``acc``, ``ece``, ``nll``). With an ``EMA`` callback the averaged weights classify.
+    (``acc``, ``ece``, ``nll``). With an ``EMA`` callback the averaged weights classify. A test
+    run (``trainer.test``) does the same on the test split: ``test/ece``, ``test/nll``, the
+    picture ``test_reliability``.
 
     Args:
         num_bins: confidence bins of the ECE and the diagram.
@@ -72,10 +74,8 @@ class ClassifierMetrics(L.Callback):
     """
 
     def __init__(self, num_bins: int = 15, every_n_validations: int = 1) -> None:
+        super().__init__(every_n_validations)
         self.num_bins = check_int("ClassifierMetrics", "num_bins", num_bins, minimum=1)
-        self.every_n_validations = check_int("ClassifierMetrics", "every_n_validations", every_n_validations,
-                                             minimum=1)
-        self.num_validations = 0
         self.last: dict[str, float] = {}
         self._batches: list[tuple[Tensor, Tensor]] = []
 
@@ -84,29 +84,29 @@ class ClassifierMetrics(L.Callback):
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if trainer.sanity_checking or (self.num_validations + 1) % self.every_n_validations:
+        if not self.due(trainer):
             return
         pair = _labelled_batch(batch)
         if pair is None:
-            raise ValueError("ClassifierMetrics needs labelled validation batches (x, y): set labels: true on the "
-                             "DataModule")
+            raise ValueError(f"ClassifierMetrics needs labelled {'test' if trainer.testing else 'validation'} "
+                             "batches (x, y): set labels: true on the DataModule")
         self._batches.append(pair)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.sanity_checking:
-            return
-        self.num_validations += 1
-        if self.num_validations % self.every_n_validations or not self._batches:
+        self.count(trainer)
+        if not self.due(trainer, finished=True) or not self._batches:
             return
         with averaged_weights(trainer, pl_module):
             logits = torch.cat([pl_module.logits(x) for x, _ in self._batches]).double()
         labels = torch.cat([y for _, y in self._batches]).to(logits.device)
         self._batches = []
         self.last = evaluate_classifier(logits, labels, self.num_bins)
-        pl_module.log("val/ece", self.last["ece"], sync_dist=False)
-        pl_module.log("val/nll", self.last["nll"], sync_dist=False)
-        log_image(trainer, "reliability", reliability_diagram(logits.softmax(1), labels, self.num_bins,
-                                                              title=f"step {trainer.global_step}"))
+        stage = self.stage(trainer)
+        pl_module.log(f"{stage}/ece", self.last["ece"], sync_dist=False)
+        pl_module.log(f"{stage}/nll", self.last["nll"], sync_dist=False)
+        title = f"{'test, ' if trainer.testing else ''}step {trainer.global_step}"
+        log_image(trainer, "test_reliability" if trainer.testing else "reliability",
+                  reliability_diagram(logits.softmax(1), labels, self.num_bins, title=title))
 
 
 def evaluate_classifier(logits: Tensor, labels: Tensor, num_bins: int = 15) -> dict[str, float]:
@@ -168,7 +168,7 @@ def ood_scores(pl_module: Any, x: Tensor, scores: Sequence[str] = OOD_SCORES, ba
     return {k: torch.cat(v).detach() for k, v in out.items()}
 
 
-class OODDetection(L.Callback):
+class OODDetection(Evaluation):
     """OOD AUROC of several scores, held-out data against OOD sets built offline from it.
 
     Every ``every_n_validations``-th validation run (not the sanity check), up to
@@ -176,7 +176,8 @@ class OODDetection(L.Callback):
     ``ood_sets`` of them (``sets``) and, when ``other`` is given, the validation images of another
     DataModule (set ``other``, e.g. MNIST against FashionMNIST). Logs ``val/auroc/<set>/<score>``
     (rank 0's values under DDP) and keeps them in ``last``. With an ``EMA`` callback the averaged
-    weights are scored.
+    weights are scored. A test run (``trainer.test``) scores the test split against sets built
+    from it and ``other``'s test images: ``test/auroc/<set>/<score>``.
 
     Args:
         sets: which of ``OOD_SETS`` to build.
@@ -191,15 +192,13 @@ class OODDetection(L.Callback):
     def __init__(self, sets: Sequence[str] = OOD_SETS, scores: Sequence[str] = OOD_SCORES,
                  other: L.LightningDataModule | None = None, num_samples: int = 1000,
                  every_n_validations: int = 1, value_range: tuple[float, float] = (-1.0, 1.0), seed: int = 0) -> None:
+        super().__init__(every_n_validations)
         self.sets = [check_choice("OODDetection", "sets", s, OOD_SETS) for s in sets]
         self.scores = [check_choice("OODDetection", "scores", s, OOD_SCORES) for s in scores]
         self.other = other
         self.num_samples = check_int("OODDetection", "num_samples", num_samples, minimum=2)
-        self.every_n_validations = check_int("OODDetection", "every_n_validations", every_n_validations,
-                                             minimum=1)
         self.value_range = check_pair("OODDetection", "value_range", value_range)
         self.seed = check_int("OODDetection", "seed", seed)
-        self.num_validations = 0
         self.last: dict[str, float] = {}
         self._data: list[Tensor] = []
 
@@ -208,16 +207,16 @@ class OODDetection(L.Callback):
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
-        if trainer.sanity_checking or sum(x.shape[0] for x in self._data) >= self.num_samples:
+        if not self.due(trainer) or sum(x.shape[0] for x in self._data) >= self.num_samples:
             return
         self._data.append(batch[0] if isinstance(batch, (list, tuple)) else batch)
 
-    def _other_images(self) -> Tensor | None:
+    def _other_images(self, split: str = "val") -> Tensor | None:
         if self.other is None:
             return None
-        self.other.setup("validate")
+        self.other.setup("test" if split == "test" else "validate")
         images, count = [], 0
-        for batch in self.other.val_dataloader():
+        for batch in (self.other.test_dataloader() if split == "test" else self.other.val_dataloader()):
             x = batch[0] if isinstance(batch, (list, tuple)) else batch
             images.append(x)
             count += x.shape[0]
@@ -225,10 +224,11 @@ class OODDetection(L.Callback):
                 break
         return torch.cat(images)[: self.num_samples]
 
-    def evaluate(self, pl_module: Any, x_in: Tensor) -> dict[str, float]:
-        """``auroc/<set>/<score>`` for held-out ``x_in`` against the OOD sets."""
+    def evaluate(self, pl_module: Any, x_in: Tensor, split: str = "val") -> dict[str, float]:
+        """``auroc/<set>/<score>`` for held-out ``x_in`` against the OOD sets (``other``: the images of
+        its ``split``, ``val`` or ``test``)."""
         sets = ood_sets(x_in, torch.Generator().manual_seed(self.seed), self.sets, self.value_range)
-        other = self._other_images()
+        other = self._other_images(split)
         if other is not None:
             sets["other"] = other
         scores_in = ood_scores(pl_module, x_in, self.scores)
@@ -240,17 +240,16 @@ class OODDetection(L.Callback):
         return out
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        if trainer.sanity_checking:
-            return
-        self.num_validations += 1
-        if self.num_validations % self.every_n_validations or not self._data:
+        self.count(trainer)
+        if not self.due(trainer, finished=True) or not self._data:
             return
         x_in = torch.cat(self._data)[: self.num_samples]
         self._data = []
+        stage = self.stage(trainer)
         with averaged_weights(trainer, pl_module):
-            self.last = self.evaluate(pl_module, x_in)
+            self.last = self.evaluate(pl_module, x_in, stage)
         for name, value in self.last.items():
-            pl_module.log(f"val/{name}", value, sync_dist=False, rank_zero_only=True)
+            pl_module.log(f"{stage}/{name}", value, sync_dist=False, rank_zero_only=True)
 
 
 class ConditionalSampleGrid(EveryNSteps):

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..metrics import InceptionFeatures
 from .ema import averaged_weights
+from .logging import Evaluation
 
 __all__ = ["FIDCallback", "fid_score"]
 
@@ -63,7 +64,7 @@ def fid_score(real: Tensor, fake: Tensor, feature: nn.Module, batch_size: int = 
     return float(fid.compute())
 
 
-class FIDCallback(L.Callback):
+class FIDCallback(Evaluation):
     """FID (and optionally KID, Inception Score) of generated samples against validation data.
 
     Real features: from the validation batches of the first validation run (not the sanity
@@ -72,7 +73,9 @@ class FIDCallback(L.Callback):
     a fixed seeded stream (the same ``z`` every time, split across DDP ranks), with a progress
     bar. torchmetrics sums the statistics over ranks when computing. Logged as ``val/fid``,
     ``val/kid_mean``, ``val/kid_std``, ``val/is_mean``, ``val/is_std``. With an ``EMA``
-    callback the averaged weights generate.
+    callback the averaged weights generate. A test run (``trainer.test``) takes its real
+    features from the test batches and logs ``test/fid`` and so on; the next validation run
+    computes its real features again.
 
     The metrics and the feature network belong to this callback, not to the LightningModule, so
     they never enter checkpoints (nor get wrapped by DDP).
@@ -134,9 +137,9 @@ class FIDCallback(L.Callback):
         if inception_score and feature is not None and not callable(getattr(feature, "head", None)):
             raise ValueError(f"FIDCallback: inception_score=True needs a feature extractor with a `head` "
                              f"(features -> class logits); {type(feature).__name__} has none")
+        super().__init__(every_n_validations)
         self.feature = feature
         self.num_samples, self.batch_size = num_samples, batch_size
-        self.every_n_validations = every_n_validations
         self.kid, self.kid_subset_size, self.kid_subsets = kid, kid_subset_size, kid_subsets
         self.inception_score, self.is_splits = inception_score, is_splits
         self.inception_weights_path, self.max_real = inception_weights_path, max_real
@@ -144,13 +147,16 @@ class FIDCallback(L.Callback):
         self.metrics: nn.ModuleDict | None = None
         self.num_real = 0  # real images seen on this rank
         self.real_done = False
-        self.num_validations = 0
         self.last: dict[str, float] = {}
 
     # ------------------------------------------------------------------ set-up
     def setup(self, trainer: L.Trainer, pl_module: Any, stage: str) -> None:
-        if self.metrics is not None:
-            return
+        if self.metrics is None:
+            self._build_metrics(pl_module)
+
+    def _build_metrics(self, pl_module: Any) -> None:
+        """Fresh metrics (no real or generated statistics)."""
+        self.num_real, self.real_done = 0, False
         if self.feature is None:  # fails here, before any training, when the weights are missing
             self.feature = InceptionFeatures(weights_path=self.inception_weights_path)
         self.feature.eval().requires_grad_(False)
@@ -170,6 +176,9 @@ class FIDCallback(L.Callback):
     def _to(self, device: torch.device) -> None:
         self.feature.to(device)
         self.metrics.to(device)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self._build_metrics(pl_module)  # the real statistics of the test split, not the validation's
 
     # ------------------------------------------------------------------ real images
     def on_validation_batch_end(
@@ -197,19 +206,24 @@ class FIDCallback(L.Callback):
             return
         if not self.real_done:
             if self.num_real < 2 and trainer.world_size == 1:
-                raise RuntimeError("FIDCallback saw fewer than 2 real images in the validation run; it takes "
-                                   "its real images from the validation dataloader (check limit_val_batches)")
+                split = "test" if trainer.testing else "validation"
+                raise RuntimeError(f"FIDCallback saw fewer than 2 real images in the {split} run; it takes "
+                                   f"its real images from the {split} dataloader (check limit_"
+                                   f"{'test' if trainer.testing else 'val'}_batches)")
             self.real_done = True
-        self.num_validations += 1
-        if self.num_validations % self.every_n_validations:
+        self.count(trainer)
+        if not self.due(trainer, finished=True):
             return
         self._to(pl_module.device)
         with averaged_weights(trainer, pl_module):
             self._update_generated(trainer, pl_module)
         values = self.compute()
+        stage = self.stage(trainer)
         for name, value in values.items():
-            pl_module.log(f"val/{name}", value, sync_dist=False)
+            pl_module.log(f"{stage}/{name}", value, sync_dist=False)
         self.last = {k: float(v) for k, v in values.items()}
+        if trainer.testing:
+            self._build_metrics(pl_module)  # a later validation run takes its own real images again
 
     def _update_generated(self, trainer: L.Trainer, pl_module: Any) -> None:
         world, rank = trainer.world_size, trainer.global_rank

@@ -13,7 +13,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["log_image", "figure_to_array", "run_dir", "held_out_data", "EveryNSteps"]
+from .._checks import check_int
+
+__all__ = ["log_image", "figure_to_array", "run_dir", "held_out_data", "EveryNSteps", "Evaluation"]
 
 
 class EveryNSteps(L.Callback):
@@ -43,6 +45,49 @@ class EveryNSteps(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
         self._log_once(trainer, pl_module)
+
+
+class Evaluation(L.Callback):
+    """Base of the callbacks that evaluate on held-out data (FID, calibration, OOD detection).
+
+    They collect batches in ``on_validation_batch_end`` and compute in ``on_validation_epoch_end``;
+    the test loop (``trainer.test``, ``lightning-ebm test``) runs the same hooks on the test
+    split. ``due`` says whether this run evaluates: every test run, and every
+    ``every_n_validations``-th validation run (never the sanity check); ``stage`` is the prefix of
+    the logged names, ``val`` or ``test``.
+    """
+
+    def __init__(self, every_n_validations: int = 1) -> None:
+        self.every_n_validations = check_int(type(self).__name__, "every_n_validations", every_n_validations,
+                                             minimum=1)
+        self.num_validations = 0  # validation runs finished, not counting the sanity check or tests
+
+    @staticmethod
+    def stage(trainer: L.Trainer) -> str:
+        return "test" if trainer.testing else "val"
+
+    def due(self, trainer: L.Trainer, finished: bool = False) -> bool:
+        """Whether the current run evaluates (``finished``: asked at its end, after it was counted)."""
+        if trainer.sanity_checking:
+            return False
+        if trainer.testing:
+            return True
+        return (self.num_validations + (0 if finished else 1)) % self.every_n_validations == 0
+
+    def count(self, trainer: L.Trainer) -> None:
+        """Count a finished validation run (call at the start of ``on_validation_epoch_end``)."""
+        if not trainer.sanity_checking and not trainer.testing:
+            self.num_validations += 1
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.on_validation_epoch_start(trainer, pl_module)
+
+    def on_test_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int,
+                          dataloader_idx: int = 0) -> None:
+        self.on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.on_validation_epoch_end(trainer, pl_module)
 
 
 def held_out_data(trainer: L.Trainer, n: int) -> Any:

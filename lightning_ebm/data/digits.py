@@ -176,3 +176,7 @@ class DigitsDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split (``lightning-ebm predict`` writes its energies and, for a classifier, logits)."""
+        return self.test_dataloader()

@@ -270,6 +270,10 @@ class Toy2DDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test split (``lightning-ebm predict`` writes its energies and, for a classifier, logits)."""
+        return self.test_dataloader()
+
     @property
     def exact_density(self) -> bool:
         """Whether ``log_density`` is exact (else a fine histogram of many samples)."""

@@ -209,3 +209,7 @@ class VisionDataModule(L.LightningDataModule):
             base = self._open(train=False, download=False)
             self._test = _Split(base, torch.arange(len(base)), self._transform(False), self.labels)
         return self._loader(self._test, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split (``lightning-ebm predict`` writes its energies and, for a classifier, logits)."""
+        return self.test_dataloader()

@@ -255,3 +255,30 @@ def test_fid_score_of_two_image_sets():
         frechet(features(a), features(b)), rel=1e-5
     )
     assert fid_score(a, a, Recorder()) == pytest.approx(0.0, abs=1e-6)
+
+
+class FlippedTestSplit(DigitsDataModule):
+    """The digits with a test split unlike the validation split (the images negated)."""
+
+    def test_dataloader(self):
+        return torch.utils.data.DataLoader(-self.val_data[:48], batch_size=16)
+
+
+def test_a_test_run_uses_the_test_split_and_validation_its_own_again(tmp_path):
+    recorder = Recorder()
+    callback = FIDCallback(recorder, num_samples=24, batch_size=24, every_n_validations=5)
+    dm, model = FlippedTestSplit(batch_size=16), tiny_model()
+    t = trainer(tmp_path, [callback], max_steps=1, limit_val_batches=2)
+    t.fit(model, dm)
+    assert callback.last == {}  # the one validation run was not the fifth
+    recorder.seen.clear()
+    t.test(model, dm)
+    real, fake = torch.cat(recorder.seen[:3]), torch.cat(recorder.seen[3:])
+    torch.testing.assert_close(real, -dm.val_data[:48])  # every test batch, not the validation statistics
+    assert fake.shape[0] == 24
+    assert callback.last["fid"] == pytest.approx(frechet(features(real), features(fake)), rel=1e-5)
+    assert "test/fid" in t.callback_metrics and "val/fid" not in t.callback_metrics
+    assert callback.num_validations == 1  # a test run is not counted as a validation run
+    recorder.seen.clear()
+    t.validate(model, dm)  # counts as validation run 2 of 5: collects real images but computes nothing
+    torch.testing.assert_close(torch.cat(recorder.seen), dm.val_data[:32])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -106,3 +107,24 @@ def test_bad_config_values_fail_with_the_argument_named(tmp_path):
         fit_tiny(tmp_path, "--model.init_args.sampler.init_args.step_size=-0.1")
     message = err.getvalue() + str(info.value)
     assert "step_size" in message
+
+
+class TrainOnly(L.LightningDataModule):
+    """A user's DataModule with training data only."""
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(64, 2), batch_size=16)
+
+
+def test_test_on_data_without_a_test_split_is_a_short_error(trained_checkpoint, tmp_path, capsys, monkeypatch):
+    from lightning_ebm.console import main as console_main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        console_main(["test", "--config", str(ROOT / "configs" / "toy2d.yaml"), "--ckpt_path",
+                      str(trained_checkpoint), f"--data={__name__}.TrainOnly",
+                      f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "lightning-ebm test: error: `test_dataloader` must be implemented" in err
+    assert "Traceback" not in err and len(err.splitlines()) <= 3

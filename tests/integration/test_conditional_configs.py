@@ -1,5 +1,6 @@
 """The conditional and JEM configs: each parses with its shapes and classes agreeing, and
-configs/digits_jem.yaml runs end to end (shrunk) through the CLI with its pictures and metrics."""
+configs/digits_jem.yaml runs end to end (shrunk) through the CLI with its pictures and metrics,
+then ``test`` and ``predict`` on its checkpoint."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_configs import print_config
 
+from lightning_ebm import EBM
+from lightning_ebm.callbacks.classifier import evaluate_classifier
 from lightning_ebm.cli import main
+from lightning_ebm.data import DigitsDataModule
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 NAMES = ["digits_jem.yaml", "digits_classifier.yaml", "toy2d_conditional.yaml", "cifar10_jem.yaml"]
@@ -91,3 +96,31 @@ def test_digits_jem_config_runs(tmp_path):
     assert {"train/ce", "train/acc", "train/energy_gap", "train/energy_data", "val/acc", "val/ece",
             "val/auroc/uniform/energy", "val/auroc/shuffled/max_softmax", "val/auroc/inverted/grad_norm",
             "val/fid"} <= columns
+
+    # test: the validation metrics of the model and of every evaluation callback, on the test split
+    ckpt = run / "checkpoints" / "last.ckpt"
+    main(["test", "--config", str(path), "--ckpt_path", str(ckpt)])
+    (test_run,) = set((tmp_path / "runs" / "digits_jem").glob("version_*")) - {run}
+    header, row = (test_run / "metrics.csv").read_text().splitlines()
+    logged = {k: float(v) for k, v in zip(header.split(","), row.split(","), strict=True) if v}
+    assert {"test/acc", "test/ece", "test/nll", "test/mmd", "test/mmd_floor", "test/fid", "test/kid_mean",
+            "test/auroc/uniform/energy", "test/auroc/shuffled/grad_norm"} <= set(logged)
+    assert not [k for k in logged if k.startswith("val/")]
+    assert (test_run / "images" / "test_reliability_step0000000.png").is_file()
+    model = EBM.load_from_checkpoint(ckpt).eval()
+    data = DigitsDataModule(batch_size=16, labels=True)
+    data.setup("test")
+    x, y = (torch.cat(parts) for parts in zip(*data.test_dataloader(), strict=True))
+    with torch.no_grad():
+        logits = model.logits(x)
+    expected = evaluate_classifier(logits, y)
+    for name in ("acc", "ece", "nll"):
+        assert logged[f"test/{name}"] == pytest.approx(expected[name], rel=1e-5, abs=1e-6)
+
+    # predict: the test split's energies and logits in predictions.pt, in the loader's order
+    main(["predict", "--config", str(path), "--ckpt_path", str(ckpt)])
+    (predict_run,) = set((tmp_path / "runs" / "digits_jem").glob("version_*")) - {run, test_run}
+    predictions = torch.load(predict_run / "predictions.pt")
+    assert set(predictions) == {"energy", "logits"}
+    torch.testing.assert_close(predictions["logits"], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(predictions["energy"], -torch.logsumexp(logits, 1), rtol=1e-5, atol=1e-5)

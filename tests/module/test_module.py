@@ -94,6 +94,27 @@ def test_validate_needs_inference_mode_off(tmp_path):
     assert out["val/mmd"] > 2 * out["val/mmd_floor"] > 0 and out["val/sw"] > out["val/sw_floor"] > 0
 
 
+def test_test_and_predict_follow_lightnings_conventions(tmp_path):
+    model, data = make_model(), tiny_data()
+    trainer = make_trainer(tmp_path)
+    val = trainer.validate(model, data, verbose=False)[0]
+    test = trainer.test(model, data, verbose=False)[0]
+    # the toy test split is the validation split: the same metrics under test/, the same values
+    assert test == pytest.approx({k.replace("val/", "test/"): v for k, v in val.items()}, rel=1e-6)
+    batches = trainer.predict(model, data)
+    x = torch.cat([b[0] for b in data.predict_dataloader()]).to(model.device)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.cat([b["energy"] for b in batches]), model.energy(x))
+    assert set(batches[0]) == {"energy"}  # no logits: not a classifier energy
+    # plain loaders of tensors work too (no DataModule), and bad shapes name the stage
+    loader = torch.utils.data.DataLoader(torch.randn(10, 2), batch_size=4)
+    assert torch.cat([b["energy"] for b in trainer.predict(model, loader)]).shape == (10,)
+    with pytest.raises(ValueError, match="predict batch 0 has samples of shape"):
+        trainer.predict(model, torch.utils.data.DataLoader(torch.randn(4, 3), batch_size=4))
+    with pytest.raises(ValueError, match="test batch 0 has samples of shape"):
+        trainer.test(model, torch.utils.data.DataLoader(torch.randn(4, 3), batch_size=4), verbose=False)
+
+
 def test_generate_and_generator_log_prob_name_a_bad_batch_size():
     model = make_model()
     for bad in (0, -2, 2.5, True):

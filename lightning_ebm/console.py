@@ -4,16 +4,20 @@ This module imports nothing heavy: ``lightning-ebm``, ``lightning-ebm --help`` a
 ``lightning-ebm --version`` answer without importing torch or Lightning. Every subcommand is then
 run by :mod:`lightning_ebm.cli`. A configuration mistake (a bad value, a misspelled class path or
 option, a YAML syntax error, a missing checkpoint) is printed as one short message naming the
-option or config key and the file; ``--debug`` (anywhere on the command line) or
+option or config key and the file. So is a mistake that the library's own checks find once the run
+has started (a latent that does not fit the data, labels a JEM cannot take, a dataset not in
+place): its message, without the traceback. ``--debug`` (anywhere on the command line) or
 ``LIGHTNING_EBM_DEBUG=1`` shows the full traceback instead.
 """
 
 from __future__ import annotations
 
+import linecache
 import os
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["ConfigError", "main", "simplify_parser_message"]
 
@@ -130,6 +134,27 @@ def simplify_parser_message(message: str) -> str:
     return text
 
 
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _worded_for_the_user(err: BaseException) -> bool:
+    """Whether ``err`` is one of the library's own messages about bad input: a ``ValueError``,
+    ``TypeError`` or ``RuntimeError`` raised by a ``raise`` statement inside ``lightning_ebm``
+    (a data or set-up check found during a run, e.g. a latent that does not fit the data), not an
+    error of torch, Lightning or Python surfacing through the library, which keeps its traceback."""
+    if not isinstance(err, (ValueError, TypeError, RuntimeError)) or err.__traceback__ is None:
+        return False
+    tb = err.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    try:
+        inside = Path(filename).resolve().is_relative_to(_PACKAGE)
+    except OSError:
+        return False
+    return inside and linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise ")
+
+
 def _print_error(subcommand: str | None, message: str) -> None:
     prog = f"{PROG} {subcommand}" if subcommand else PROG
     sys.stderr.write(f"{prog}: error: {message}\n")
@@ -168,6 +193,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         _print_error(subcommand, str(err))
         raise SystemExit(2) from None
+    except (ValueError, TypeError, RuntimeError) as err:  # a check of the library's that fired during the run
+        if debug or not _worded_for_the_user(err):
+            raise
+        _print_error(subcommand, str(err))
+        raise SystemExit(1 if isinstance(err, RuntimeError) else 2) from None
     except KeyboardInterrupt:
         if debug:
             raise

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
+import torch
 
 import lightning_ebm.cli  # noqa: F401  (Lightning's log handler binds stderr now, not a test's capture)
 from lightning_ebm import console
@@ -92,6 +94,48 @@ def test_an_unknown_option_or_subcommand_gets_a_suggestion(capsys):
     assert "unrecognized arguments: --trainer.max_stepz=3 (did you mean '--trainer.max_steps'?)" in err
     err = run_console(capsys, "fitt")
     assert "unknown subcommand 'fitt' (did you mean 'fit'?)" in err
+
+
+def test_a_mistake_found_once_the_run_started_is_short_too(capsys, tmp_path):
+    """The library's own checks in setup (here: the latent does not fit the data) print their message."""
+    err = run_console(capsys, "fit", "--config", TOY, "--model.init_args.latent.init_args.shape=[3]",
+                      f"--trainer.logger.init_args.save_dir={tmp_path}")
+    assert "fit: error: latent shape (3,) does not match the data's sample shape (2,)" in err
+    with pytest.raises(ValueError, match=r"latent shape \(3,\)"):  # --debug: the exception itself
+        console.main(["fit", "--config", TOY, "--model.init_args.latent.init_args.shape=[3]", "--debug",
+                      f"--trainer.logger.init_args.save_dir={tmp_path}"])
+
+
+def test_only_the_librarys_own_raise_statements_lose_their_traceback():
+    from lightning_ebm.latents import Uniform
+    from lightning_ebm.samplers import GradientDescent
+
+    def caught(action) -> BaseException:
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - the test inspects whatever was raised
+            return err
+        raise AssertionError("nothing raised")
+
+    assert console._worded_for_the_user(caught(lambda: Uniform((2,), low=1.0, high=0.0)))
+    assert not console._worded_for_the_user(caught(lambda: torch.zeros(2, 3) @ torch.zeros(2, 3)))  # torch's
+    assert not console._worded_for_the_user(caught(lambda: Uniform((2,)).sample("3", wrong=1)))  # Python's
+    # an error surfacing inside the library at a line that is not a raise (a torch op failing there)
+    frames = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            frame = sys._getframe(1)
+            while "lightning_ebm" not in Path(frame.f_code.co_filename).parts:
+                frame = frame.f_back
+            frames.append(frame)
+            return x.pow(2).sum(1)
+
+    GradientDescent(steps=1, step_size=0.1)(Spy(), torch.zeros(2, 2))
+    err = RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+    frame = frames[0]
+    err.__traceback__ = types.TracebackType(None, frame, frame.f_lasti, frame.f_lineno)
+    assert not console._worded_for_the_user(err)
 
 
 def test_debug_shows_the_real_exception(tmp_path):

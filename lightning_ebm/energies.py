@@ -68,10 +68,16 @@ def _levels_of(owner: str, emb: nn.Embedding | None, t: Tensor | int | None, x: 
 def check_energy_output(energy: Tensor, x: Tensor) -> None:
     """Raise if an energy network returned anything but one scalar per sample, shape ``(B,)``."""
     if energy.shape != (x.shape[0],):
+        if energy.shape == (x.shape[0], 1):
+            fix = "Squeeze the last dimension of your network (e.g. `return out.squeeze(-1)`)."
+        elif energy.ndim == 2 and energy.shape[0] == x.shape[0]:
+            fix = (f"A network with {energy.shape[1]} outputs is a classifier: wrap it in "
+                   "lightning_ebm.energies.ClassifierEnergy(backbone, num_classes), or give it one output.")
+        else:
+            fix = "Return one scalar energy per sample."
         raise ValueError(
             f"energy must map a batch of shape (B, *shape) to energies of shape (B,); "
-            f"got input {tuple(x.shape)} -> output {tuple(energy.shape)}. "
-            f"Squeeze the last dimension of your network (e.g. `return out.squeeze(-1)`)."
+            f"got input {tuple(x.shape)} -> output {tuple(energy.shape)}. {fix}"
         )
 
 
@@ -303,15 +309,18 @@ def energy_classes(energy: nn.Module) -> int | None:
     return classes
 
 
-def check_labels(owner: str, y: Tensor, num_classes: int, n: int | None = None, name: str = "y") -> Tensor:
-    """``y`` as a LongTensor ``(n,)`` of classes in ``[0, num_classes)``; a clear error otherwise (one sync)."""
+def check_labels(owner: str, y: Tensor, num_classes: int, n: int | None = None, name: str = "y",
+                 whose: str = "the energy") -> Tensor:
+    """``y`` as a LongTensor ``(n,)`` of classes in ``[0, num_classes)``; a clear error otherwise (one sync).
+
+    ``whose``: what ``num_classes`` belongs to, for the message."""
     if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8) or y.ndim != 1 \
             or (n is not None and y.shape[0] != n):
         shape = f"({n},)" if n is not None else "(B,)"
-        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, Tensor) else repr(y)
+        got = f"{y.dtype} of shape {tuple(y.shape)}" if isinstance(y, Tensor) else f"a {type(y).__name__}"
         raise ValueError(f"{owner}: {name} must be an integer tensor of shape {shape} holding classes, got {got}")
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise ValueError(f"{owner}: {name} holds labels in [{int(y.min())}, {int(y.max())}], but the energy has "
+        raise ValueError(f"{owner}: {name} holds labels in [{int(y.min())}, {int(y.max())}], but {whose} has "
                          f"num_classes={num_classes}: labels must be in [0, {num_classes - 1}]")
     return y.long()
 

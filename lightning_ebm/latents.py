@@ -272,7 +272,7 @@ class ReplayBuffer(PersistentLatent):
         if self.num_classes is None:
             raise ValueError("ReplayBuffer: conditional draws (y=...) need a buffer with chains per class; build it "
                              "with num_classes=C")
-        y = check_labels("ReplayBuffer", y, self.num_classes, n).to(device)
+        y = check_labels("ReplayBuffer", y, self.num_classes, n, whose="the buffer").to(device)
         per_class = self.capacity // self.num_classes
         offset = torch.randint(0, per_class, (n,), generator=generator, device=device)
         return y * per_class + offset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 import pickle
 import re
 import time
@@ -18,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from . import _config, _quiet_known_noise, density
-from ._checks import check_bool, check_choice, check_float, check_int, check_type, fail
+from ._checks import ArgumentError, check_bool, check_choice, check_float, check_int, check_type, fail
 from ._state import RunState
 from .energies import ConditionedEnergy, check_energy_output, check_labels, energy_classes
 from .latents import Latent, PersistentLatent
@@ -33,6 +34,7 @@ _EVAL_SEED_OFFSET = 2_147_483_629  # validation draws its own stream, never the 
 _OBJECTIVE_KEY = "lightning_ebm_objective"  # checkpoint key of the objective's own state (see Objective.state_dict)
 
 
+_SCALE_HINT = "images of 0..255: x.float() / 127.5 - 1 maps them to [-1, 1]"
 _NOT_ESTIMATED = -1.0  # log_z_stderr before any estimate: finite (every state stays finite), never a real error bar
 
 
@@ -135,6 +137,9 @@ class EBM(L.LightningModule):
         self.rng_seed = check_int("EBM", "rng_seed", rng_seed, allow_none=True)
         if not callable(optimizer):
             raise fail("EBM", "optimizer", "a callable params -> Optimizer", optimizer)
+        if lr_scheduler is not None and not callable(lr_scheduler):
+            raise fail("EBM", "lr_scheduler", "None or a callable optimizer -> LRScheduler (e.g. "
+                       "functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=1000))", lr_scheduler)
         if channels_last and len(latent.shape) != 3:
             raise ValueError(f"EBM: channels_last=True needs image samples of shape (C, H, W), but the latent's "
                              f"shape is {tuple(latent.shape)}")
@@ -157,6 +162,7 @@ class EBM(L.LightningModule):
         self._run_state = RunState(self.rng_seed)
         self._val_batches: list[Tensor] = []
         self._last_step_time: float | None = None
+        self._divergence_reported = False
         self._init_log_partition()
 
     # ------------------------------------------------------------------ generator
@@ -213,9 +219,9 @@ class EBM(L.LightningModule):
                 raise ValueError("generate: return_log_prob and return_trajectory cannot be combined")
         if z is None:
             by_class = {"y": y} if y is not None and getattr(self.latent, "num_classes", None) else {}
-            z = self.latent.sample(n, generator=generator, device=self.device, dtype=self.dtype, **by_class)
+            z = self.latent.sample(n, generator=generator, device=self.device, dtype=self._energy_dtype(), **by_class)
         else:
-            z = z.to(self.device)
+            z = self._points(z, "generate", "z")
         z = self._memory_format(z)
         chunks = [z] if batch_size is None else list(z.split(batch_size))
         ys = [None] * len(chunks) if y is None else list(y.split(chunks[0].shape[0]))
@@ -238,8 +244,11 @@ class EBM(L.LightningModule):
             raise ValueError(f"EBM.generate: y={y!r} asks for conditional samples, but the energy "
                              f"{type(self.energy).__name__} is not class-conditional (no num_classes); wrap it in "
                              "lightning_ebm.energies.ClassifierEnergy")
-        if isinstance(y, int) and not isinstance(y, bool):
-            y = torch.full((n,), y, dtype=torch.long)
+        integer = isinstance(y, Tensor) and not (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool)
+        if integer and y.ndim == 0:  # a 0-dim integer tensor: one class for all
+            y = int(y)
+        if not isinstance(y, (Tensor, bool)) and hasattr(y, "__index__"):  # an int, a NumPy integer
+            y = torch.full((n,), operator.index(y), dtype=torch.long)
         return check_labels("EBM.generate", y, classes, n).to(self.device)
 
     @torch.no_grad()
@@ -249,7 +258,7 @@ class EBM(L.LightningModule):
         if not callable(logits):
             raise ValueError(f"EBM.logits needs a classifier energy with logits(x) (energies.ClassifierEnergy); "
                              f"{type(self.energy).__name__} has none")
-        return logits(x.to(self.device))
+        return logits(self._points(x, "logits"))
 
     @torch.no_grad()
     def classify(self, x: Tensor) -> Tensor:
@@ -277,7 +286,7 @@ class EBM(L.LightningModule):
         ``generator`` (the probes' stream) as in ``generate``; ``batch_size`` bounds memory.
         """
         _check_batch_size("generator_log_prob", batch_size)
-        x = x.to(self.device)
+        x = self._points(x, "generator_log_prob")
         chunks = [x] if batch_size is None else list(x.split(batch_size))
         return torch.cat([density.log_prob(self.energy, self.sampler, self.latent, c, trace=trace,
                                            num_probes=num_probes, series_terms=series_terms,
@@ -341,7 +350,7 @@ class EBM(L.LightningModule):
         """
         _check_batch_size("log_prob", batch_size)
         log_z = self._require_log_z("log_prob")
-        x = x.to(self.device)
+        x = self._points(x, "log_prob")
         chunks = [x] if batch_size is None else list(x.split(batch_size))
         return torch.cat([-self(c).double() for c in chunks]) - log_z
 
@@ -400,9 +409,8 @@ class EBM(L.LightningModule):
         """Check the energy's output shape on two latent draws before any training happens."""
         param = next(self.energy.parameters(), None)
         device = param.device if param is not None else self.device
-        dtype = param.dtype if param is not None and param.is_floating_point() else self.dtype
         base = self.latent.base if isinstance(self.latent, PersistentLatent) else self.latent
-        z = base.sample(2, generator=torch.Generator().manual_seed(0), dtype=dtype).to(device)
+        z = base.sample(2, generator=torch.Generator().manual_seed(0), dtype=self._energy_dtype()).to(device)
         with torch.no_grad():
             check_energy_output(self.energy(z), z)
 
@@ -415,6 +423,10 @@ class EBM(L.LightningModule):
                 f"{stage} batch {batch_idx} has samples of shape {tuple(x.shape[1:])}, but the latent has "
                 f"shape {tuple(self.latent.shape)}; they must match"
             )
+        if not x.is_floating_point():
+            raise ArgumentError(f"{stage} batch {batch_idx} holds {x.dtype} data, but the energy takes floating-point "
+                                f"samples: convert them in the dataset or DataModule ({_SCALE_HINT})")
+        x = x.to(self._energy_dtype(x.dtype))
         if self.check_finite and not bool(torch.isfinite(x).all()):
             bad = int((~torch.isfinite(x.flatten(1))).any(1).sum())
             raise ValueError(
@@ -424,14 +436,36 @@ class EBM(L.LightningModule):
             )
         return self._memory_format(x)
 
+    def _energy_dtype(self, default: torch.dtype | None = None) -> torch.dtype:
+        """The floating dtype of the energy's parameters; ``default`` (else the module's) for an energy without any."""
+        param = next((p for p in self.energy.parameters() if p.is_floating_point()), None)
+        return param.dtype if param is not None else default or self.dtype
+
+    def _points(self, x: Any, method: str, name: str = "x") -> Tensor:
+        """``x`` ``(B, *shape)`` on the module's device in the energy's dtype (other float dtypes are cast, as
+        batches are); a clear error for another shape or integer values."""
+        shape = tuple(self.latent.shape)
+        if not isinstance(x, Tensor) or tuple(x.shape[1:]) != shape:
+            got = f"shape {tuple(x.shape)}" if isinstance(x, Tensor) else f"a {type(x).__name__}"
+            raise ArgumentError(f"EBM.{method}: {name} must be a tensor of shape (B, {', '.join(map(str, shape))}) "
+                                f"(points of the latent's shape {shape}), got {got}")
+        if not x.is_floating_point():
+            raise ArgumentError(f"EBM.{method}: {name} must hold floating-point values, got {x.dtype} ({_SCALE_HINT})")
+        return x.to(device=self.device, dtype=self._energy_dtype(x.dtype))
+
     @staticmethod
-    def _labels(batch: Any, x: Tensor) -> Tensor | None:
-        """The labels ``y`` of an ``(x, y)`` batch (an integer tensor ``(B,)``), ``None`` for unlabelled batches."""
+    def _labels(batch: Any, x: Tensor, strict: bool = False) -> Tensor | None:
+        """The labels ``y`` of an ``(x, y)`` batch (an integer tensor ``(B,)``), ``None`` for unlabelled batches.
+
+        A second item that is not such a tensor is ignored (a label-free model keeps working on any
+        batch), unless ``strict`` (an objective that needs labels): it is then passed on as it is, for
+        the objective's label check to say what is wrong with it.
+        """
         if not isinstance(batch, (list, tuple)) or len(batch) < 2:
             return None
         y = batch[1]
         if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.shape != (x.shape[0],):
-            return None
+            return y if strict else None
         return y.to(x.device)
 
     def _memory_format(self, x: Tensor) -> Tensor:
@@ -455,8 +489,10 @@ class EBM(L.LightningModule):
         n = self.num_negatives or x_data.shape[0]
         step = TrainingStep(self.energy, self.sampler, self.latent, self.rng, x_data, n,
                             data_noise=self.data_noise, memory_format=self._memory_format,
-                            labels=self._labels(batch, x_data))
+                            labels=self._labels(batch, x_data, strict=getattr(self.objective, "needs_labels", False)))
         loss, parts = self.objective(step)
+        if self._trainer is not None and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._report_divergence(loss)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         self.log_dict({f"train/{k}": v for k, v in parts.items()}, sync_dist=True)
         if step.generated is not None:
@@ -467,6 +503,15 @@ class EBM(L.LightningModule):
         self._last_step_time = now
         return loss
 
+    def _report_divergence(self, loss: Tensor) -> None:
+        """Warn once per fit when the loss is no longer finite (checked every ``log_every_n_steps``, one sync):
+        without a ``DivergenceGuard`` nothing else would say so, and the run would go on training on NaN."""
+        if not self._divergence_reported and not bool(torch.isfinite(loss)):
+            self._divergence_reported = True
+            rank_zero_warn(f"EBM: train/loss is {float(loss.detach())} at global step {self.global_step}: the run has "
+                           "diverged. Lower the learning rate or the sampler's step size, or add "
+                           "lightning_ebm.callbacks.DivergenceGuard, which stops or rolls back such a run")
+
     def _log_sampler(self, x_gen: Tensor) -> None:
         """What the sampler reported of its last call (``train/sampler/*``) and the gradient at its output."""
         info = getattr(self.sampler, "last_info", None) or {"nfe": self.sampler.last_nfe}
@@ -475,6 +520,9 @@ class EBM(L.LightningModule):
         if self._trainer is not None and self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
             grad_norm = energy_grad(self.energy, x_gen).flatten(1).norm(dim=1).mean()
             self.log("train/grad_norm_gen", grad_norm)
+
+    def on_fit_start(self) -> None:
+        self._divergence_reported = False
 
     def on_train_epoch_start(self) -> None:
         self._last_step_time = None
@@ -576,9 +624,22 @@ class EBM(L.LightningModule):
         self._strip_hparams(checkpoint)
         if "hyper_parameters" in checkpoint:  # components as plain configs: loads with weights_only=True
             checkpoint["hyper_parameters"], problems = _config.hparams_to_config(checkpoint["hyper_parameters"])
+            problems += self._dropped_factories(checkpoint["hyper_parameters"])
             for problem in problems:  # Python's warning filter shows each message once, not at every save
                 rank_zero_warn(f"EBM checkpoint: {problem}. The checkpoint resumes training all the same; "
                                "where this part cannot be rebuilt, pass it to load_from_checkpoint")
+
+    def _dropped_factories(self, hparams: dict[str, Any]) -> list[str]:
+        """The optimizer / scheduler factories that Lightning left out of the hyper-parameters (it drops
+        what cannot be pickled, such as a lambda), which loading would silently replace by the defaults."""
+        problems = []
+        for name, factory, default in (("optimizer", self.optimizer_factory, "torch.optim.Adam"),
+                                        ("lr_scheduler", self.lr_scheduler_factory, "no scheduler")):
+            if name not in hparams and factory is not None and factory is not torch.optim.Adam:
+                problems.append(f"{name}={factory!r} is not recorded (it cannot be pickled), so loading builds "
+                                f"{default}; give a class or a functools.partial, e.g. "
+                                "functools.partial(torch.optim.SGD, lr=0.01), to record it")
+        return problems
 
     def _strip_hparams(self, checkpoint: dict[str, Any]) -> None:
         """Keep the hyper-parameters pickled in ``checkpoint`` free of training state (chains)."""

@@ -480,7 +480,14 @@ class NoiseContrastiveEstimation(Objective):
         y = step.memory_format(y)
         log_nu = math.log(self.noise_ratio)
         e_data, e_noise = step.energy_of(x), step.energy_of(y)
-        logit_data = -e_data - noise.log_prob(x).to(x.dtype) - log_nu
+        log_noise_data = noise.log_prob(x).to(x.dtype)
+        if not bool(torch.isfinite(log_noise_data).all()):  # one sync: data outside the noise's support
+            outside = int((~torch.isfinite(log_noise_data)).sum())
+            raise ValueError(f"NoiseContrastiveEstimation: the noise {noise!r} has no density at {outside} of "
+                             f"{x.shape[0]} data points (outside its support), so their logits are infinite and "
+                             "the loss says nothing: use noise that covers the data (a Gaussian, fit_noise=True, "
+                             "or a wider Uniform box)")
+        logit_data = -e_data - log_noise_data - log_nu
         logit_noise = -e_noise - noise.log_prob(y).to(x.dtype) - log_nu
         softplus = nn.functional.softplus
         loss = softplus(-logit_data).mean() + self.noise_ratio * softplus(logit_noise).mean()

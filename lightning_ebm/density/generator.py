@@ -30,11 +30,8 @@ __all__ = ["check_density", "sample_with_log_prob", "log_prob", "bits_per_dim"]
 def check_density(sampler: Sampler, latent: Latent) -> None:
     """Raise, saying why, when the generator ``sampler(energy, z ~ latent)`` has no computable density."""
     if not getattr(latent, "has_density", False):
-        raise ValueError(
-            f"the generator's density is undefined with latent {type(latent).__name__}: it has no density "
-            "p0 to push forward (a ReplayBuffer's chains start from earlier end points, whose law depends "
-            "on the whole training history). Use a Uniform or Gaussian latent."
-        )
+        raise ValueError(f"the generator's density is undefined with latent {type(latent).__name__}, which has "
+                         f"no density p0 to push forward: {_why_no_density(latent)}")
     if not getattr(sampler, "deterministic", False):
         raise ValueError(
             f"the generator's density is undefined for {sampler!r}: it injects noise, so G(z) is not a "
@@ -53,6 +50,16 @@ def check_density(sampler: Sampler, latent: Latent) -> None:
             f"the generator's density is undefined with clamp={sampler.clamp}: clamping maps a region of "
             "positive volume onto the boundary, so the generator is not invertible. Use clamp=None."
         )
+
+
+def _why_no_density(latent: Latent) -> str:
+    """The latent's own word on why it has no density (what its ``log_prob`` raises)."""
+    try:
+        latent.log_prob(torch.zeros(1, *latent.shape))
+    except (ValueError, NotImplementedError) as err:
+        if str(err):
+            return str(err)
+    return "use a Uniform or Gaussian latent"
 
 
 def _setup(sampler: Sampler, latent: Latent, x: Tensor, trace: str | None, num_probes: int,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -89,6 +90,8 @@ def test_conditional_gradient_descent_follows_the_closed_form_flow():
     torch.testing.assert_close(model.generate(6, z=z, y=1, batch_size=4),
                                MEANS[1] + (1 - h / s**2) ** steps * (z - MEANS[1]))
     torch.testing.assert_close(model.generate(6, z=z, y=y, batch_size=4), x)
+    for one in (torch.tensor(1), np.int64(1)):  # a 0-dim tensor and a NumPy integer mean the int
+        torch.testing.assert_close(model.generate(6, z=z, y=one), model.generate(6, z=z, y=1))
 
 
 def test_conditional_langevin_samples_each_class_gaussian():

@@ -19,8 +19,8 @@ from torch import nn
 
 from lightning_ebm import EBM
 from lightning_ebm import density as dn
-from lightning_ebm.energies import MLPEnergy
-from lightning_ebm.latents import Gaussian, ReplayBuffer, Uniform
+from lightning_ebm.energies import ConvEnergy, MLPEnergy
+from lightning_ebm.latents import Gaussian, ReplayBuffer, Uniform, Upsampled
 from lightning_ebm.samplers import ODE, GradientDescent, Langevin
 
 
@@ -187,9 +187,12 @@ def test_undefined_density_errors():
     energy = MLPEnergy(2, hidden=8, num_layers=1)
     with pytest.raises(ValueError, match="injects noise"):
         EBM(energy, Langevin(5, 0.1, noise_std=0.1), Gaussian((2,))).generate(4, return_log_prob=True)
-    with pytest.raises(ValueError, match="ReplayBuffer"):
+    with pytest.raises(ValueError, match="ReplayBuffer.*earlier end points"):
         EBM(energy, GradientDescent(5, 0.1), ReplayBuffer(Gaussian((2,)), capacity=16)).generator_log_prob(
             torch.zeros(3, 2))
+    conv = ConvEnergy(1, width=8)
+    with pytest.raises(ValueError, match="Upsampled.*low-dimensional subspace"):  # its own reason, not the buffer's
+        EBM(conv, GradientDescent(5, 0.1), Upsampled(Uniform((1, 4, 4)), (8, 8))).generate(2, return_log_prob=True)
     with pytest.raises(ValueError, match="clamp"):
         EBM(energy, GradientDescent(5, 0.1, clamp=(-1, 1)), Gaussian((2,))).generate(4, return_log_prob=True)
     with pytest.raises(ValueError, match="grad_clip"):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_ebm._checks import ArgumentError
-from lightning_ebm.energies import ConvEnergy, MLPEnergy, ResNetEnergy
+from lightning_ebm.energies import ConvEnergy, MLPEnergy, ResNetEnergy, check_energy_output
 from lightning_ebm.samplers import GradientDescent
 
 SIZES = [(1, 8), (1, 28), (3, 32), (3, 64)]
@@ -78,6 +80,13 @@ def test_energies_work_under_the_samplers_and_need_matching_inputs():
         energy(torch.rand(4, 1, 16, 16))
     with pytest.raises(ValueError, match="ResNetEnergy expects images"):
         ResNetEnergy(in_channels=3, width=4)(torch.rand(2, 1, 8, 8))
+    x = torch.rand(4, 2)
+    for out, fix in ((torch.zeros(4, 1), "Squeeze the last dimension"),
+                     (torch.zeros(4, 3), "A network with 3 outputs is a classifier: wrap it in .*ClassifierEnergy"),
+                     (torch.zeros(()), "Return one scalar energy per sample")):
+        shape = re.escape(str(tuple(out.shape)))
+        with pytest.raises(ValueError, match=rf"got input \(4, 2\) -> output {shape}\. {fix}"):
+            check_energy_output(out, x)
 
 
 @pytest.mark.parametrize(

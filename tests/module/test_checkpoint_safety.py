@@ -20,6 +20,7 @@ from reliability_helpers import single_thread, tiny_data, tiny_ebm, tiny_trainer
 
 from lightning_ebm import EBM
 from lightning_ebm._config import ComponentConfigError, to_config
+from lightning_ebm.energies import MLPEnergy
 from lightning_ebm.latents import Gaussian
 from lightning_ebm.samplers import GradientDescent
 
@@ -182,6 +183,15 @@ def test_an_unrecoverable_user_class_warns_at_save_and_fails_short_at_load(tmp_p
             EBM.load_from_checkpoint(ckpt)
         loaded = EBM.load_from_checkpoint(ckpt, energy=cls(2, 3))  # given explicitly, it loads
         torch.testing.assert_close(loaded.energy(torch.ones(1, 2)), model.energy(torch.ones(1, 2)))
+
+
+def test_an_optimizer_that_cannot_be_recorded_is_named_at_save(tmp_path):
+    model = EBM(energy=MLPEnergy(dim=2, hidden=8), sampler=GradientDescent(steps=2, step_size=0.05),
+                latent=Gaussian((2,)), optimizer=lambda params: torch.optim.SGD(params, lr=0.01))
+    with pytest.warns(UserWarning, match=r"optimizer=<function .*<lambda>.* is not recorded \(it cannot be "
+                                         r"pickled\), so loading builds torch.optim.Adam; .*functools.partial"):
+        _fit(tmp_path, model, 1)
+    assert isinstance(EBM.load_from_checkpoint(tmp_path / "last.ckpt").configure_optimizers(), torch.optim.Adam)
 
 
 MAIN_SCRIPT = '''

@@ -99,6 +99,10 @@ def test_bad_setups_are_clear_errors(tmp_path):
     bad = DataLoader(TensorDataset(x, torch.arange(16) % 9), batch_size=16)  # label 8 with 8 classes
     with pytest.raises(ValueError, match=r"labels in \[0, 8\].*num_classes=8: labels must be in \[0, 7\]"):
         fit(jem(), bad, tmp_path)
+    column = DataLoader(TensorDataset(x, (torch.arange(16) % 8)[:, None]), batch_size=16)  # (B, 1), not (B,)
+    with pytest.raises(ValueError, match=r"the batch's labels must be an integer tensor of shape \(16,\) holding "
+                                         r"classes, got torch.int64 of shape \(16, 1\)"):
+        fit(jem(), column, tmp_path)
     with pytest.raises(ValueError, match="all 0: nothing to train"):
         JointEnergyModel(ce_weight=0, ml_weight=0)
 

@@ -206,6 +206,10 @@ def test_bad_arguments_are_named():
         SlicedScoreMatching(projection="normal")
     with pytest.raises(ValueError, match="noise must be a latent with a log_prob"):
         NoiseContrastiveEstimation(noise=ReplayBuffer(Uniform((2,))))
+    narrow = NoiseContrastiveEstimation(noise=Uniform((2,), low=-0.1, high=0.1))
+    data = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"has no density at \d+ of 8 data points \(outside its support\)"):
+        narrow(TrainingStep(MLPEnergy(2), GradientDescent(1, 0.1), Uniform((2,)), torch.Generator(), data, 8))
     with pytest.raises(ValueError, match="max_dim=2"):
         data = torch.randn(4, 3)
         ExactScoreMatching(max_dim=2)(TrainingStep(MLPEnergy(3), GradientDescent(1, 0.1), Uniform((3,)),

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-__all__ = ["ResumePlan", "config_differences", "continue_csv_metrics", "plan_resume", "warn_if_config_differs"]
+__all__ = ["ResumePlan", "config_differences", "continue_csv_metrics", "last_checkpoint", "plan_resume",
+           "runs_root", "warn_if_config_differs"]
 
 _RUN_LOGGERS = ("CSVLogger", "TensorBoardLogger")
 _CKPT_DIR_CALLBACKS = ("ModelCheckpoint", "PreemptionCheckpoint", "DivergenceGuard", "OnExceptionCheckpoint")
@@ -123,6 +124,33 @@ def _load(path: Path) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
+def runs_root(trainer_config: Any) -> Path | None:
+    """``<save_dir>/<name>`` of the config's CSV or TensorBoard logger, whose versions are its runs."""
+    logger = _run_logger(trainer_config)
+    return _logger_root(logger) if logger is not None else None
+
+
+def last_checkpoint(trainer_config: Any) -> Path | None:
+    """The checkpoint ``--ckpt_path last`` means: the newest one of the config logger's runs and callbacks."""
+    logger = _run_logger(trainer_config)
+    root = runs_root(trainer_config)
+    explicit_version = _get(_get(logger, "init_args"), "version") if logger is not None else None
+    candidates: list[Path] = []
+    if root is not None:
+        runs = ([root / _version_folder(explicit_version)] if explicit_version is not None
+                else [p for p in root.glob("*") if p.is_dir()])
+        for run in runs:
+            candidates += _checkpoints_under(run, recursive=True)
+    for entry in _get(trainer_config, "callbacks") or []:
+        dirpath = _get(_get(entry, "init_args"), "dirpath")
+        if _class_name(entry) in _CKPT_DIR_CALLBACKS and dirpath:
+            candidates += _checkpoints_under(Path(str(dirpath)), recursive=False)
+    default_root = Path(str(_get(trainer_config, "default_root_dir") or "."))
+    candidates += [p for p in _checkpoints_under(default_root, recursive=False) if p.name.startswith("hpc_ckpt_")]
+    candidates += _checkpoints_under(default_root / "checkpoints", recursive=False)  # logger=False runs
+    return _newest(candidates)
+
+
 def plan_resume(fit_config: Any) -> ResumePlan | None:
     """Resolve ``ckpt_path`` of a parsed ``fit`` config in place; pin the logger to the run's version.
 
@@ -134,24 +162,11 @@ def plan_resume(fit_config: Any) -> ResumePlan | None:
         return None
     trainer_config = _get(fit_config, "trainer")
     logger = _run_logger(trainer_config)
-    root = _logger_root(logger) if logger is not None else None
+    root = runs_root(trainer_config)
     explicit_version = _get(_get(logger, "init_args"), "version") if logger is not None else None
 
     if requested == "last":
-        candidates: list[Path] = []
-        if root is not None:
-            runs = ([root / _version_folder(explicit_version)] if explicit_version is not None
-                    else [p for p in root.glob("*") if p.is_dir()])
-            for run in runs:
-                candidates += _checkpoints_under(run, recursive=True)
-        for entry in _get(trainer_config, "callbacks") or []:
-            dirpath = _get(_get(entry, "init_args"), "dirpath")
-            if _class_name(entry) in _CKPT_DIR_CALLBACKS and dirpath:
-                candidates += _checkpoints_under(Path(str(dirpath)), recursive=False)
-        default_root = Path(str(_get(trainer_config, "default_root_dir") or "."))
-        candidates += [p for p in _checkpoints_under(default_root, recursive=False) if p.name.startswith("hpc_ckpt_")]
-        candidates += _checkpoints_under(default_root / "checkpoints", recursive=False)  # logger=False runs
-        newest = _newest(candidates)
+        newest = last_checkpoint(trainer_config)
         if newest is None:
             if root is None:  # a logger this module does not know: let Lightning's own "last" look
                 return None

@@ -174,8 +174,8 @@ def check_config_files(argv: list[str]) -> None:
             raise ConfigError(f"--config {path}{where}: YAML syntax error: {problem}") from None
 
 
-#: ``ckpt_path`` values that Lightning resolves itself
-_CKPT_KEYWORDS = ("last", "best", "hpc", "registry")
+#: ``ckpt_path`` values that Lightning resolves itself (``best`` only within the process that ran fit)
+_CKPT_KEYWORDS = ("last", "hpc", "registry")
 
 
 class EBMCLI(LightningCLI):
@@ -254,8 +254,21 @@ class EBMCLI(LightningCLI):
                 print(f"{PROG} predict: wrote {callback.summary} to {callback.path}", flush=True)
 
     def _check_ckpt_path(self) -> None:
+        """A ``--ckpt_path`` file exists; ``best`` is refused (a new process has no best yet) and, outside
+        ``fit`` (which resolves it itself), ``last`` becomes the newest checkpoint of the config's runs."""
         config = self.config.get(str(self.subcommand), None) if self.subcommand else None
         ckpt = config.get("ckpt_path") if config is not None else None
+        if ckpt == "best":
+            raise ConfigError("--ckpt_path best: Lightning knows the best checkpoint only in the process that "
+                              "ran fit; give the checkpoint file (or last)")
+        if ckpt == "last" and self.subcommand != "fit":
+            # Lightning's own "last" looks in this new run's (empty) folder and then runs the untrained model
+            newest = _resume.last_checkpoint(config.get("trainer"))
+            if newest is None:
+                root = _resume.runs_root(config.get("trainer"))
+                where = f"{root}/*/" if root is not None else "the checkpoint folders"
+                raise ConfigError(f"--ckpt_path last: no checkpoint under {where}; give a checkpoint file")
+            config["ckpt_path"] = ckpt = str(newest)
         if isinstance(ckpt, str) and ckpt not in _CKPT_KEYWORDS and not ckpt.startswith("registry:"):
             fs, local = fsspec.core.url_to_fs(ckpt)
             if not fs.exists(local):

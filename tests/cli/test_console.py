@@ -89,6 +89,15 @@ def test_a_missing_config_or_checkpoint_is_named(capsys, tmp_path):
     assert f"--ckpt_path {tmp_path / 'missing.ckpt'}: no such file" in err
 
 
+def test_a_ckpt_path_keyword_that_names_no_checkpoint_is_an_error(capsys, tmp_path):
+    """``best`` is unknown to a new process, and ``last`` without checkpoints would run an untrained model."""
+    err = run_console(capsys, "validate", "--config", TOY, "--ckpt_path", "best")
+    assert "validate: error: --ckpt_path best: Lightning knows the best checkpoint only in the process" in err
+    err = run_console(capsys, "test", "--config", TOY, "--ckpt_path", "last",
+                      f"--trainer.logger.init_args.save_dir={tmp_path}")
+    assert f"test: error: --ckpt_path last: no checkpoint under {tmp_path / 'toy2d'}/*/" in err
+
+
 def test_an_unknown_option_or_subcommand_gets_a_suggestion(capsys):
     err = run_console(capsys, "fit", "--config", TOY, "--trainer.max_stepz=3")
     assert "unrecognized arguments: --trainer.max_stepz=3 (did you mean '--trainer.max_steps'?)" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 import yaml
 
 from lightning_ebm import EBM
-from lightning_ebm.cli import main
+from lightning_ebm.cli import EBMCLI, main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -128,3 +129,16 @@ def test_test_on_data_without_a_test_split_is_a_short_error(trained_checkpoint, 
     assert exit_info.value.code == 2
     assert "lightning-ebm test: error: `test_dataloader` must be implemented" in err
     assert "Traceback" not in err and len(err.splitlines()) <= 3
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_ckpt_path_last_outside_fit_is_the_newest_checkpoint_of_the_runs(trained_checkpoint, tmp_path, subcommand):
+    """Lightning's own ``last`` looks in the new run's empty folder, then evaluates the untrained model."""
+    ckpt = tmp_path / "toy2d" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    shutil.copy(trained_checkpoint, ckpt)
+    split = {"validate": "val"}.get(subcommand, subcommand)
+    cli = EBMCLI(args=[subcommand, "--config", str(ROOT / "configs" / "toy2d.yaml"), "--ckpt_path", "last",
+                       f"--trainer.logger.init_args.save_dir={tmp_path}", "--trainer.enable_progress_bar=false",
+                       f"--trainer.limit_{split}_batches=2"])
+    assert cli.trainer.ckpt_path == str(ckpt)

@@ -137,12 +137,17 @@ def simplify_parser_message(message: str) -> str:
 _PACKAGE = Path(__file__).resolve().parent
 
 
+#: the exception types the library raises for bad input or set-up found during a run
+_RUN_ERRORS = (ValueError, TypeError, RuntimeError, FileNotFoundError, ImportError)
+
+
 def _worded_for_the_user(err: BaseException) -> bool:
-    """Whether ``err`` is one of the library's own messages about bad input: a ``ValueError``,
-    ``TypeError`` or ``RuntimeError`` raised by a ``raise`` statement inside ``lightning_ebm``
-    (a data or set-up check found during a run, e.g. a latent that does not fit the data), not an
-    error of torch, Lightning or Python surfacing through the library, which keeps its traceback."""
-    if not isinstance(err, (ValueError, TypeError, RuntimeError)) or err.__traceback__ is None:
+    """Whether ``err`` is one of the library's own messages about bad input: one of ``_RUN_ERRORS``
+    raised by a ``raise`` statement inside ``lightning_ebm`` (a data or set-up check found during a
+    run, e.g. a latent that does not fit the data, a dataset not in place, an optional extra not
+    installed), not an error of torch, Lightning or Python surfacing through the library, which keeps
+    its traceback."""
+    if not isinstance(err, _RUN_ERRORS) or err.__traceback__ is None:
         return False
     tb = err.__traceback__
     while tb.tb_next is not None:
@@ -193,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         _print_error(subcommand, str(err))
         raise SystemExit(2) from None
-    except (ValueError, TypeError, RuntimeError) as err:  # a check of the library's that fired during the run
+    except _RUN_ERRORS as err:  # a check of the library's that fired during the run
         if debug or not _worded_for_the_user(err):
             raise
         _print_error(subcommand, str(err))

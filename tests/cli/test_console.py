@@ -115,6 +115,13 @@ def test_a_mistake_found_once_the_run_started_is_short_too(capsys, tmp_path):
                       f"--trainer.logger.init_args.save_dir={tmp_path}"])
 
 
+def test_a_dataset_not_in_place_is_a_short_error(capsys, tmp_path):
+    err = run_console(capsys, "fit", "--config", TOY, "--data=lightning_ebm.data.VisionDataModule",
+                      "--data.init_args.name=mnist", f"--data.init_args.root={tmp_path / 'nowhere'}",
+                      "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}")
+    assert f"fit: error: mnist not found (or corrupted) under root='{tmp_path / 'nowhere'}'" in err
+
+
 def test_only_the_librarys_own_raise_statements_lose_their_traceback():
     from lightning_ebm.latents import Uniform
     from lightning_ebm.samplers import GradientDescent

@@ -50,6 +50,14 @@ def _check_batch_size(method: str, batch_size: Any) -> None:
         raise fail(f"EBM.{method}", "batch_size", "a positive integer or None", batch_size)
 
 
+def _call_factory(name: str, factory: Any, arg: Any) -> Any:
+    """``factory(arg)``; the arguments it rejects (torch's ``Invalid learning rate: -1.0``) are named as its."""
+    try:
+        return factory(arg)
+    except (ValueError, TypeError) as err:
+        raise ArgumentError(f"EBM: {name}: {err}") from err
+
+
 class EBM(L.LightningModule):
     """An energy-based model: an energy (critic) trained against its own sampler (generator).
 
@@ -528,10 +536,10 @@ class EBM(L.LightningModule):
         self._last_step_time = None
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.energy.parameters())
+        optimizer = _call_factory("optimizer", self.optimizer_factory, self.energy.parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
+        scheduler = _call_factory("lr_scheduler", self.lr_scheduler_factory, optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ validation, test and predict

@@ -122,6 +122,12 @@ def test_a_dataset_not_in_place_is_a_short_error(capsys, tmp_path):
     assert f"fit: error: mnist not found (or corrupted) under root='{tmp_path / 'nowhere'}'" in err
 
 
+def test_an_optimizer_argument_torch_rejects_is_a_short_error(capsys, tmp_path):
+    err = run_console(capsys, "fit", "--config", TOY, "--model.init_args.optimizer.init_args.lr=-1",
+                      "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}")
+    assert "fit: error: EBM: optimizer: Invalid learning rate: -1.0" in err
+
+
 def test_only_the_librarys_own_raise_statements_lose_their_traceback():
     from lightning_ebm.latents import Uniform
     from lightning_ebm.samplers import GradientDescent

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import QuadraticEnergy, random_spd
@@ -177,6 +179,16 @@ def test_bad_constructor_arguments_are_named(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         EBM(**args)
+
+
+def test_arguments_the_optimizer_or_scheduler_rejects_are_named():
+    """torch checks them only when the optimizer is built: in fit, after the model (from the CLI: no traceback)."""
+    args = dict(energy=MLPEnergy(dim=2), sampler=GradientDescent(steps=2, step_size=0.1), latent=Uniform((2,)))
+    with pytest.raises(ArgumentError, match=r"^EBM: optimizer: Invalid learning rate: -1.0$"):
+        EBM(**args, optimizer=functools.partial(torch.optim.Adam, lr=-1.0)).configure_optimizers()
+    scheduler = functools.partial(torch.optim.lr_scheduler.LinearLR, start_factor=2.0)
+    with pytest.raises(ArgumentError, match=r"^EBM: lr_scheduler: Starting multiplicative factor"):
+        EBM(**args, lr_scheduler=scheduler).configure_optimizers()
 
 
 @pytest.mark.parametrize(

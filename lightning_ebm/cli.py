@@ -452,6 +452,11 @@ def sample_main(argv: list[str]) -> Path:
         parser.error(f"--pixel_scale must be a positive integer, got {args.pixel_scale}")
     if args.ckpt_path is not None and not Path(args.ckpt_path).is_file():
         parser.error(f"--ckpt_path {args.ckpt_path!r} is not a file")
+    try:  # an unknown device type, or one this machine does not have (cuda without a GPU)
+        torch.empty(0, device=args.device)
+    except (RuntimeError, AssertionError) as err:
+        reason = re.split(r"(?<=\.) |\n", str(err), maxsplit=1)[0]
+        parser.error(f"--device {args.device!r} cannot be used here (e.g. cpu, cuda:0): {reason}")
     try:
         if args.pretrained is not None:
             from .hub import load_for_cli

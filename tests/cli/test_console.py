@@ -128,6 +128,19 @@ def test_an_optimizer_argument_torch_rejects_is_a_short_error(capsys, tmp_path):
     assert "fit: error: EBM: optimizer: Invalid learning rate: -1.0" in err
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:0"])
+def test_sample_on_a_device_this_machine_lacks_is_a_short_error(capsys, tmp_path, device):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.touch()  # checked before the checkpoint is read
+    with pytest.raises(SystemExit) as info:
+        console.main(["sample", "--ckpt_path", str(ckpt), "--device", device, "--output", str(tmp_path / "x.pt")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"sample: error: --device {device!r} cannot be used here" in err
+    assert "Traceback" not in err
+
+
 def test_only_the_librarys_own_raise_statements_lose_their_traceback():
     from lightning_ebm.latents import Uniform
     from lightning_ebm.samplers import GradientDescent

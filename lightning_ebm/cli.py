@@ -515,7 +515,26 @@ def _with_source(message: str, argv: list[str]) -> str:
         return f"{message}\n  (set on the command line)"
     files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("-c", "--config")]
     files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    files = [f for f in files if _sets_key(f, key)]
     return f"{message}\n  (in {', '.join(files)})" if files else message
+
+
+def _sets_key(file: str, key: str) -> bool:
+    """Whether the YAML ``file`` sets config ``key`` (``a.b[0].c``), or a value above it."""
+    try:
+        value: Any = yaml.safe_load(Path(file).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    for part in re.findall(r"[^.\[\]]+", key):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return False
+        if not isinstance(value, (dict, list)):
+            return True
+    return True
 
 
 def _run_cli(argv: list[str]) -> None:

@@ -98,6 +98,20 @@ def test_a_ckpt_path_keyword_that_names_no_checkpoint_is_an_error(capsys, tmp_pa
     assert f"test: error: --ckpt_path last: no checkpoint under {tmp_path / 'toy2d'}/*/" in err
 
 
+def test_the_source_named_is_a_config_file_that_sets_the_key(tmp_path):
+    """Not every --config file, and none for a message that does not start with a config key."""
+    from lightning_ebm.cli import _with_source
+
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("trainer:\n  max_steps: abc\n")
+    argv = ["fit", "--config", TOY, "--config", str(extra), "--trainer.accelerator=gpu"]
+    assert _with_source("model.init_args.sampler: bad", argv).endswith(f"(in {TOY})")
+    assert _with_source("trainer.callbacks[1]: bad", argv).endswith(f"(in {TOY})")
+    assert _with_source("trainer.max_steps: bad", argv).endswith(f"(in {TOY}, {extra})")
+    assert _with_source("MisconfigurationException: No supported gpu backend found!", argv) == (
+        "MisconfigurationException: No supported gpu backend found!")
+
+
 def test_an_unknown_option_or_subcommand_gets_a_suggestion(capsys):
     err = run_console(capsys, "fit", "--config", TOY, "--trainer.max_stepz=3")
     assert "unrecognized arguments: --trainer.max_stepz=3 (did you mean '--trainer.max_steps'?)" in err

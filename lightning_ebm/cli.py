@@ -14,6 +14,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -269,6 +270,8 @@ class EBMCLI(LightningCLI):
                 where = f"{root}/*/" if root is not None else "the checkpoint folders"
                 raise ConfigError(f"--ckpt_path last: no checkpoint under {where}; give a checkpoint file")
             config["ckpt_path"] = ckpt = str(newest)
+        if ckpt is not None and self.subcommand != "fit":  # an evaluation writes no checkpoints: nothing to act on
+            warnings.filterwarnings("ignore", message=r"The dirpath has changed from", category=UserWarning)
         if isinstance(ckpt, str) and ckpt not in _CKPT_KEYWORDS and not ckpt.startswith("registry:"):
             fs, local = fsspec.core.url_to_fs(ckpt)
             if not fs.exists(local):

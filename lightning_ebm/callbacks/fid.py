@@ -92,7 +92,8 @@ class FIDCallback(Evaluation):
         batch_size: generation and feature batch size.
         every_n_validations: evaluate at every this-many-th validation run.
         kid: also the kernel inception distance (stores all features).
-        kid_subset_size: KID subset size (at most the number of real and of generated images).
+        kid_subset_size: KID subset size (at most the number of generated images; with fewer real
+            images than this, a warning, and the subsets hold all the real images).
         kid_subsets: KID subsets.
         inception_score: also the Inception Score.
         is_splits: Inception Score splits.
@@ -248,10 +249,18 @@ class FIDCallback(Evaluation):
         the generated side (the real statistics stay)."""
         out = {"fid": self.metrics["fid"].compute()}
         if "kid" in self.metrics:
+            kid = self.metrics["kid"]
             if self.kid_subset_size > self.num_real and not torch.distributed.is_initialized():
-                raise ValueError(f"FIDCallback: kid_subset_size={self.kid_subset_size} exceeds the "
-                                 f"{self.num_real} real images; lower it")
-            out["kid_mean"], out["kid_std"] = self.metrics["kid"].compute()
+                # fewer real images than asked (a short limit_val_batches): KID is unbiased at any subset
+                # size, so a smaller subset gives a noisier estimate of the same distance, not a wrong one
+                warnings.warn(f"FIDCallback: kid_subset_size={self.kid_subset_size} exceeds the {self.num_real} "
+                              f"real images; KID uses subsets of {self.num_real} (lower kid_subset_size, or give "
+                              "the validation more images)", stacklevel=2)
+                kid.subset_size = self.num_real
+            try:
+                out["kid_mean"], out["kid_std"] = kid.compute()
+            finally:
+                kid.subset_size = self.kid_subset_size
         if "is" in self.metrics:
             out["is_mean"], out["is_std"] = self.metrics["is"].compute()
         for metric in self.metrics.values():

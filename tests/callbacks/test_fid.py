@@ -130,6 +130,25 @@ def test_fid_kid_is_equal_float64_references(tmp_path):
     assert trainer_metrics_logged(tmp_path) >= {"val/fid", "val/kid_mean", "val/kid_std", "val/is_mean"}
 
 
+def test_fewer_real_images_than_the_kid_subset_warn_and_use_them_all(tmp_path):
+    """A smoke run's short ``limit_val_batches`` leaves fewer real images than ``kid_subset_size``: KID
+    then averages subsets of all 32 real and 32 of the 40 generated images, whose mean over subsets is
+    the unbiased MMD^2 of the full sets (a U-statistic); the run goes on."""
+    recorder = Recorder()
+    callback = FIDCallback(recorder, num_samples=40, batch_size=40, kid=True, kid_subset_size=40, kid_subsets=400)
+    with pytest.warns(UserWarning, match="kid_subset_size=40 exceeds the 32 real images; KID uses subsets of 32"):
+        trainer(tmp_path, [callback], limit_val_batches=1).fit(tiny_model(), DigitsDataModule(batch_size=32))
+    real, fake = features(torch.cat(recorder.seen[:1])), features(torch.cat(recorder.seen[1:]))
+    assert real.shape[0] == 32 and fake.shape[0] == 40
+    k = lambda x, y: (x @ y.T / x.shape[1] + 1) ** 3  # noqa: E731
+    m, n = real.shape[0], fake.shape[0]
+    kaa, kbb = k(real, real), k(fake, fake)
+    full = ((kaa.sum() - np.trace(kaa)) / (m * (m - 1)) + (kbb.sum() - np.trace(kbb)) / (n * (n - 1))
+            - 2 * k(real, fake).mean())
+    assert callback.last["kid_mean"] == pytest.approx(full, rel=0.01)
+    assert callback.metrics["kid"].subset_size == 40  # the setting itself is left as given
+
+
 def trainer_metrics_logged(tmp_path) -> set[str]:
     (metrics,) = Path(tmp_path).rglob("metrics.csv")
     return set(metrics.read_text().splitlines()[0].split(","))

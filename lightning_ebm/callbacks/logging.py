@@ -79,6 +79,12 @@ class Evaluation(L.Callback):
         if not trainer.sanity_checking and not trainer.testing:
             self.num_validations += 1
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_validations": self.num_validations}  # a resumed run keeps the schedule
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.num_validations = int(state_dict.get("num_validations", 0))
+
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: Any) -> None:
         self.on_validation_epoch_start(trainer, pl_module)
 

@@ -171,7 +171,7 @@ def test_real_statistics_once_fixed_latents_and_no_checkpoint_bloat(tmp_path):
     assert callback.num_validations == 3 and callback.num_real == 32
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert not [k for k in ckpt["state_dict"] if not k.startswith(("energy.", "log_z"))]  # log Z: the EBM's own
-    assert not [k for k, v in ckpt.get("callbacks", {}).items() if "FIDCallback" in k and v]
+    assert ckpt["callbacks"]["FIDCallback"] == {"num_validations": 3}  # no statistics, only the schedule
     # the same z every time: with the model frozen, the generated images would repeat exactly
     fixed = FIDCallback(Recorder(), num_samples=8, batch_size=8)
     frozen = tiny_model()
@@ -180,6 +180,19 @@ def test_real_statistics_once_fixed_latents_and_no_checkpoint_bloat(tmp_path):
         frozen, DigitsDataModule(batch_size=8)
     )
     torch.testing.assert_close(fixed.feature.seen[-1], fixed.feature.seen[-2])
+
+
+def test_a_resumed_run_keeps_the_every_n_validations_schedule(tmp_path):
+    def run(max_steps, ckpt_path=None):
+        callback = FIDCallback(Recorder(), num_samples=8, batch_size=8, every_n_validations=2)
+        t = trainer(tmp_path, [callback, ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)],
+                    max_steps=max_steps, limit_val_batches=1, num_sanity_val_steps=0, enable_checkpointing=True)
+        t.fit(tiny_model(), DigitsDataModule(batch_size=8), ckpt_path=ckpt_path)
+        return callback
+
+    assert run(3).num_validations == 3
+    resumed = run(4, tmp_path / "ckpt" / "last.ckpt")
+    assert resumed.num_validations == 4 and "fid" in resumed.last  # the 4th validation, as without the stop
 
 
 def test_needs_real_images_and_valid_arguments(tmp_path):

@@ -11,6 +11,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
+from .._checks import check_bool, check_float, check_int
+
 __all__ = ["VisionDataModule", "VISION_DATASETS"]
 
 _MNIST_FILES = "train-images-idx3-ubyte and train-labels-idx1-ubyte (uncompressed)"
@@ -104,22 +106,22 @@ class VisionDataModule(L.LightningDataModule):
         if name not in VISION_DATASETS:
             raise ValueError(f"VisionDataModule: unknown name={name!r}; choose one of "
                              f"{sorted(VISION_DATASETS)}")
-        if not isinstance(labels, bool):
-            raise ValueError(f"VisionDataModule: labels must be a bool, got {labels!r}")
+        labels = check_bool("VisionDataModule", "labels", labels)
         if labels and name == "celeba":
             raise ValueError("VisionDataModule: labels=True needs a dataset with classes (mnist, fashion_mnist, "
                              "cifar10, svhn); celeba has none here")
         self.labels = labels
         self.num_classes = 10 if labels else None
-        for arg, value in (("image_size", image_size), ("center_crop", center_crop)):
-            if value is not None and (not isinstance(value, int) or value < 4):
-                raise ValueError(f"VisionDataModule: {arg} must be an integer >= 4 or None, got {value!r}")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"VisionDataModule: batch_size must be a positive integer, got {batch_size!r}")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"VisionDataModule: num_workers must be an integer >= 0, got {num_workers!r}")
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"VisionDataModule: val_fraction must be in (0, 1), got {val_fraction!r}")
+        image_size = check_int("VisionDataModule", "image_size", image_size, minimum=4, allow_none=True)
+        center_crop = check_int("VisionDataModule", "center_crop", center_crop, minimum=4, allow_none=True)
+        batch_size = check_int("VisionDataModule", "batch_size", batch_size, minimum=1)
+        num_workers = check_int("VisionDataModule", "num_workers", num_workers, minimum=0)
+        val_fraction = check_float("VisionDataModule", "val_fraction", val_fraction, minimum=0.0, maximum=1.0,
+                                   strict=True)
+        split_seed = check_int("VisionDataModule", "split_seed", split_seed)
+        download = check_bool("VisionDataModule", "download", download)
+        dequantize = check_bool("VisionDataModule", "dequantize", dequantize)
+        pin_memory = check_bool("VisionDataModule", "pin_memory", pin_memory)
         self.save_hyperparameters()
         self.name, self.root, self.download = name, str(root), download
         self.image_size, self.center_crop, self.batch_size = image_size, center_crop, batch_size

@@ -208,5 +208,18 @@ def test_failed_download_says_what_to_place_where(tmp_path, monkeypatch):
 def test_rejects_bad_arguments():
     with pytest.raises(ValueError, match="unknown name='imagenet'; choose one of"):
         VisionDataModule(name="imagenet")
-    with pytest.raises(ValueError, match="val_fraction must be in"):
+    with pytest.raises(ValueError, match="val_fraction must be a finite number with 0.0 < x < 1.0, got 0.0"):
         VisionDataModule(val_fraction=0.0)
+
+
+@pytest.mark.parametrize("name, value, allowed", [
+    ("val_fraction", "0.1", "a finite number with 0.0 < x < 1.0"),
+    ("batch_size", True, "a positive integer"),
+    ("split_seed", None, "an integer"),
+    ("download", "no", "True or False"),  # a truthy string would have downloaded
+    ("dequantize", 1, "True or False"),
+    ("pin_memory", "yes", "True or False"),
+])
+def test_every_argument_is_checked_by_name(name, value, allowed):
+    with pytest.raises(ValueError, match=f"VisionDataModule: {name} must be {allowed}, got {value!r}"):
+        VisionDataModule(**{name: value})

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from .ema import averaged_weights
 from .logging import EveryNSteps, held_out_data, log_image
 
 __all__ = ["Plot2D", "energy_on_grid", "plot_2d"]
@@ -88,7 +89,8 @@ class Plot2D(EveryNSteps):
     batches, else those of the validation loader given to ``fit``) against
     ``num_samples`` generated samples, and the energy landscape with ``num_trajectories`` runs of
     the dynamics from ``z`` to ``G(z)``. The samples come from a fixed seed, so frames of one run
-    are comparable. Logged through ``log_image`` (W&B, TensorBoard or PNG in the run directory).
+    are comparable. With an ``EMA`` callback the averaged weights generate. Logged through
+    ``log_image`` (W&B, TensorBoard or PNG in the run directory).
     """
 
     def __init__(
@@ -127,5 +129,6 @@ class Plot2D(EveryNSteps):
                        title=f"step {trainer.global_step}")
 
     def log_now(self, trainer: L.Trainer, pl_module: Any) -> None:
-        fig = self.make_figure(trainer, pl_module)  # every rank samples (cheap); rank 0 logs
+        with averaged_weights(trainer, pl_module):  # the weights validation judges, as in SampleGrid
+            fig = self.make_figure(trainer, pl_module)  # every rank samples (cheap); rank 0 logs
         log_image(trainer, "samples_2d", fig)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._checks import ArgumentError, check_bool, check_choice, check_float, check_int, fail
 from ..energies import check_energy_output
 from ..latents import Latent, PersistentLatent
-from ..samplers.mcmc import _normal_and_uniform, hmc_update, mala_update
+from ..samplers.mcmc import _normal_and_uniform, hmc_update, mala_update, metropolis_state
 
 __all__ = ["AISResult", "BitsPerDim", "estimate_log_partition", "ais_schedule", "log_mean_exp_stats",
            "TRANSITIONS", "SCHEDULES"]
@@ -284,7 +284,7 @@ def estimate_log_partition(
 
         bar = tqdm(total=total, desc=f"AIS ({transition}, {num_chains} chains)", unit="temp", leave=False)
     start = time.perf_counter()
-    log_steps = steps.log().tolist()
+    step_sizes = steps.tolist()
     delta = betas.diff().tolist()
     k0 = torch.zeros((), dtype=torch.int64, device=device)
     weights, accepted_per_temp = [], torch.zeros(max(num_temps - 1, 1), dtype=torch.float64, device=device)
@@ -294,8 +294,7 @@ def estimate_log_partition(
             log_w = torch.zeros(n, dtype=torch.float64, device=device)
             for k in range(1, num_temps):  # transitions T_1 .. T_{K-1}; T_K is not needed for the weights
                 annealed.reset(float(betas[k]))
-                state = (x, torch.full((n,), log_steps[k - 1], device=device, dtype=dtype),
-                         torch.zeros(n, device=device, dtype=dtype))
+                state = metropolis_state(x, step_sizes[k - 1])
                 for _ in range(steps_per_temp):
                     state, _extras = move(state, k0)
                 e, lp = annealed.first  # at x_{k-1}: the first point the first move evaluated

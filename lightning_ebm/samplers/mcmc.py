@@ -22,7 +22,7 @@ from torch import Tensor
 from .._checks import check_float, check_int
 from .base import GradFn, Sampler, State, Steps, clip_grad
 
-__all__ = ["MALA", "HMC", "mala_update", "hmc_update", "mala_log_accept"]
+__all__ = ["MALA", "HMC", "mala_update", "hmc_update", "mala_log_accept", "metropolis_state"]
 
 
 def _per_sample(t: Tensor) -> Tensor:
@@ -114,6 +114,15 @@ def hmc_update(grad: GradFn, state: State, noise: tuple[Tensor, ...], k: Tensor,
     return _metropolis(state, q, e0, e1, log_ratio, u, k, adapt_steps, target, rate)
 
 
+def metropolis_state(x0: Tensor, step_size: float) -> State:
+    """The state ``(x, log_step, accepted)`` both updates start from: ``x0``, ``log(step_size)`` per chain
+    and no acceptance yet. The count is an integer: in ``x0``'s dtype a half-precision count would stop
+    at 256 (bfloat16) or 2048 (float16) and under-report the acceptance of longer runs."""
+    n = x0.shape[0]
+    log_step = torch.full((n,), math.log(step_size), device=x0.device, dtype=x0.dtype)
+    return x0, log_step, torch.zeros(n, device=x0.device, dtype=torch.int64)
+
+
 def _normal_and_uniform(x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """One standard normal of ``x``'s shape and one uniform per chain, from ``generator``."""
     xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -140,12 +149,11 @@ class _Metropolis(Sampler):
         self.adapt_rate = check_float(name, "adapt_rate", adapt_rate, minimum=0, strict=True)
 
     def init_state(self, x0: Tensor) -> State:
-        log_step = torch.full((x0.shape[0],), math.log(self.step_size), device=x0.device, dtype=x0.dtype)
-        return x0, log_step, torch.zeros(x0.shape[0], device=x0.device, dtype=x0.dtype)
+        return metropolis_state(x0, self.step_size)
 
     def info(self, state: State) -> dict[str, float]:
         """The acceptance rate after the warm-up and, when adapting, the mean adapted step size."""
-        out = {"acceptance": float(state[2].mean()) / (self.steps - self.adapt_steps)}
+        out = {"acceptance": float(state[2].double().mean()) / (self.steps - self.adapt_steps)}
         if self.adapt_steps:
             out["step_size"] = float(state[1].exp().mean())
         return out

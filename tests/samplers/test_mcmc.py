@@ -138,3 +138,13 @@ def test_bad_arguments_and_no_density():
     model = EBM(QuadraticEnergy(torch.eye(2)), MALA(steps=5, step_size=0.1), Gaussian((2,)))
     with pytest.raises((ValueError, NotImplementedError), match="MALA"):
         model.generate(4, return_log_prob=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_acceptance_is_counted_exactly_in_half_precision(dtype):
+    """The accept count is an integer: in bfloat16 it stopped at 256 accepted steps (float16: 2048)."""
+    energy = QuadraticEnergy(torch.eye(2, dtype=dtype))
+    sampler = MALA(steps=2500, step_size=0.01)  # step 0.01 on N(0, I): nearly every move is accepted
+    sampler(energy, torch.zeros(4, 2, dtype=dtype), generator=gen(0))
+    assert sampler.last_info["acceptance"] > 0.95, sampler.last_info
+

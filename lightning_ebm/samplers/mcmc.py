@@ -58,8 +58,11 @@ def _adapt(log_step: Tensor, log_ratio: Tensor, k: Tensor, adapt_steps: int, tar
 def _metropolis(state: State, proposal: Tensor, e_old: Tensor, e_new: Tensor, log_ratio: Tensor, u: Tensor,
                 k: Tensor, adapt_steps: int, target: float, rate: float) -> tuple[State, dict[str, Tensor]]:
     """The accept/reject both samplers share: per chain, keep ``proposal`` where ``log u < log_ratio``;
-    count acceptances after the warm-up and adapt the step sizes during it."""
+    count acceptances after the warm-up and adapt the step sizes during it. A NaN ratio (the proposal's
+    energy or gradient is not a number, e.g. outside the energy's domain) is a rejection, also for the
+    adaptation, whose step size would otherwise turn NaN and freeze the chain."""
     x, log_step, accepted = state
+    log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf)
     accept = u.log() < log_ratio
     x = torch.where(_view(accept, x), proposal, x)
     counted = accept & (k >= adapt_steps)
@@ -110,7 +113,6 @@ def hmc_update(grad: GradFn, state: State, noise: tuple[Tensor, ...], k: Tensor,
         g = clip_grad(g, grad_clip) / temperature
         p = p - (step if i < num_leapfrog - 1 else 0.5 * step) * g
     log_ratio = (e0 - e1) / temperature + 0.5 * (_per_sample(p0**2) - _per_sample(p**2))
-    log_ratio = torch.nan_to_num(log_ratio, nan=-math.inf)  # a diverging trajectory is rejected
     return _metropolis(state, q, e0, e1, log_ratio, u, k, adapt_steps, target, rate)
 
 

@@ -148,3 +148,18 @@ def test_acceptance_is_counted_exactly_in_half_precision(dtype):
     sampler(energy, torch.zeros(4, 2, dtype=dtype), generator=gen(0))
     assert sampler.last_info["acceptance"] > 0.95, sampler.last_info
 
+
+class Barrier(nn.Module):
+    """``exp(-E) = 1 - x^2`` on ``(-1, 1)`` (variance 1/5); ``E`` is NaN outside."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return -torch.log1p(-x.pow(2)).sum(1)
+
+
+@pytest.mark.parametrize("sampler", [MALA(steps=300, step_size=0.05, adapt_steps=100),
+                                     HMC(steps=300, step_size=0.05, num_leapfrog=3, adapt_steps=100)],
+                         ids=["mala", "hmc"])
+def test_a_nan_energy_outside_the_domain_is_a_rejection_also_while_adapting(sampler):
+    x = sampler(Barrier(), torch.zeros(N, 1, dtype=torch.float64), generator=gen(7))
+    assert math.isfinite(sampler.last_info["step_size"]) and sampler.last_info["acceptance"] > 0.3, sampler.last_info
+    assert abs(float(x.var()) - 0.2) < 0.02

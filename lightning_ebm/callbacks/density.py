@@ -17,6 +17,7 @@ from torch import Tensor
 from .. import density
 from .._checks import check_int, fail
 from ..metrics import mmd_rbf
+from .ema import averaged_weights
 from .logging import EveryNSteps, held_out_data, log_image
 
 __all__ = ["DensityPanel2D", "LongRunDiagnostic", "density_metrics", "density_figure"]
@@ -109,10 +110,10 @@ class DensityPanel2D(EveryNSteps):
     the dynamics) and the EBM's ``exp(-E)/Z`` (``Z`` by quadrature on the grid). It logs the
     panel through ``log_image`` and the numbers of ``density_metrics`` as ``density/<name>``
     through every logger; the last ones stay in ``last_metrics``. Runs on global rank 0 with
-    the energy in eval mode. A generator without a density (a noisy sampler such as Langevin,
-    MALA or DRL's recovery chain) leaves out the ``q`` panel and its numbers; one that cannot be
-    inverted (a gradient-descent step that is not a contraction) is reported with a warning and
-    that panel is skipped.
+    the energy in eval mode (and with an ``EMA`` callback, its averaged weights). A generator
+    without a density (a noisy sampler such as Langevin, MALA or DRL's recovery chain) leaves out
+    the ``q`` panel and its numbers; one that cannot be inverted (a gradient-descent step that is
+    not a contraction) is reported with a warning and that panel is skipped.
 
     Args:
         every_n_steps: period in training steps.
@@ -187,7 +188,8 @@ class DensityPanel2D(EveryNSteps):
         if not trainer.is_global_zero:
             return
         try:
-            fig, metrics = self.compute(trainer, pl_module)
+            with averaged_weights(trainer, pl_module):  # the weights validation judges
+                fig, metrics = self.compute(trainer, pl_module)
         except ValueError as err:
             if "not invertible" not in str(err):
                 raise
@@ -208,7 +210,8 @@ class LongRunDiagnostic(EveryNSteps):
     held-out data) and ``longrun/nonfinite_x<m>`` (fraction of diverged samples), plus a picture
     (2-D scatter against the data, or image grids). If the energy were a density with minima at
     the data, long runs would stay on the data; if it is only a critic for its short-run
-    generator, they drift (often to lower energy, away from the data).
+    generator, they drift (often to lower energy, away from the data). With an ``EMA`` callback
+    the averaged weights run, as in validation.
 
     Args:
         every_n_steps: period in training steps (also runs at the end of training).
@@ -291,7 +294,8 @@ class LongRunDiagnostic(EveryNSteps):
     def log_now(self, trainer: L.Trainer, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
-        fig, metrics = self.compute(trainer, pl_module)
+        with averaged_weights(trainer, pl_module):  # the weights validation judges
+            fig, metrics = self.compute(trainer, pl_module)
         self.last_metrics = metrics
         _log_metrics(trainer, metrics)
         if fig is not None:

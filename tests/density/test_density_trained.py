@@ -19,8 +19,9 @@ import torch
 
 from lightning_ebm import EBM
 from lightning_ebm import density as dn
-from lightning_ebm.callbacks import DensityPanel2D, LongRunDiagnostic
+from lightning_ebm.callbacks import EMA, DensityPanel2D, LongRunDiagnostic
 from lightning_ebm.callbacks.density import density_metrics
+from lightning_ebm.callbacks.ema import averaged_weights
 from lightning_ebm.data import Toy2DDataModule
 from lightning_ebm.energies import MLPEnergy
 from lightning_ebm.latents import Gaussian
@@ -164,6 +165,40 @@ def test_callbacks_fire_under_a_trainer(trained, tmp_path):
         assert logged[key][-1] == pytest.approx(panel.last_metrics[key.split("/")[1]])
     assert logged["longrun/energy_x10"] == [pytest.approx(longrun.last_metrics["longrun/energy_x10"])]
     assert model.training  # eval mode was only borrowed
+
+
+def test_the_panels_judge_the_ema_weights_as_validation_does(trained, tmp_path):
+    """At step 2 (mid-training: at the end Lightning copies the average into the module anyway)."""
+    def weights(module):
+        return torch.cat([p.detach().flatten() for p in module.energy.parameters()]).clone()
+
+    def recording(cls):
+        class Recording(cls):
+            def compute(self, trainer, pl_module):
+                if not hasattr(self, "seen"):  # the first call's (step 2)
+                    self.seen = weights(pl_module)
+                return super().compute(trainer, pl_module)
+        return Recording
+
+    class AtStep2(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 2:
+                self.raw = weights(pl_module)
+                with averaged_weights(trainer, pl_module):
+                    self.average = weights(pl_module)
+
+    model = copy.deepcopy(trained[0]).train()
+    panel = recording(DensityPanel2D)(every_n_steps=2, bounds=BOX, grid_size=10)
+    longrun = recording(LongRunDiagnostic)(every_n_steps=2, multiples=[2], num_samples=20)
+    at_step_2 = AtStep2()
+    trainer = quiet_trainer(max_steps=3, default_root_dir=tmp_path, logger=False,
+                            callbacks=[EMA(decay=0.5), panel, longrun, at_step_2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, trained[1])
+    assert not torch.equal(at_step_2.raw, at_step_2.average)
+    torch.testing.assert_close(panel.seen, at_step_2.average)
+    torch.testing.assert_close(longrun.seen, at_step_2.average)
 
 
 def test_long_run_continues_the_same_dynamics(trained):

@@ -263,6 +263,8 @@ def estimate_log_partition(
     param = next((p for p in energy.parameters() if p.is_floating_point()), None) \
         if isinstance(energy, nn.Module) else None
     device = torch.device(device) if device is not None else (param.device if param is not None else None)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise fail(owner, "dtype", "None or a floating torch.dtype (e.g. torch.float64)", dtype)
     dtype = dtype or (param.dtype if param is not None else torch.get_default_dtype())
 
     annealed = _Annealed(energy, latent)

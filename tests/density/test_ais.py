@@ -248,6 +248,8 @@ def test_bad_input():
         dn.estimate_log_partition(energy, Gaussian((2,)), num_temps=3, schedule=[0.0, 0.5, 1.0])
     with pytest.raises(ValueError, match="schedule must be one of 'sigmoid', 'linear', 'geometric'"):
         dn.estimate_log_partition(energy, Gaussian((2,)), schedule="cosine")
+    with pytest.raises(ValueError, match=r"dtype must be None or a floating torch.dtype .*, got 'float32'"):
+        dn.estimate_log_partition(energy, Gaussian((2,)), dtype="float32")
 
 
 @pytest.mark.parametrize("sampler", [MALA(steps=5, step_size=0.1), HMC(steps=5, step_size=0.1)])

@@ -57,15 +57,16 @@ def main() -> None:
               "classifier": EBM.load_from_checkpoint(args.classifier).eval()}
     out: dict = {}
     sets = ood_sets(x, torch.Generator().manual_seed(0))
+    logits = {name: model.logits(x) for name, model in models.items()}
     for name, model in models.items():
-        numbers = evaluate_classifier(model.logits(x), y)
+        numbers = evaluate_classifier(logits[name], y)
         scores_in = ood_scores(model, x)
         for set_name, x_out in sets.items():
             scores_out = ood_scores(model, x_out)
             for score in OOD_SCORES:
                 numbers[f"auroc/{set_name}/{score}"] = float(auroc(scores_in[score], scores_out[score]))
         out[name] = numbers
-    out["ece_difference"] = paired_ece_difference(models["jem"].logits(x), models["classifier"].logits(x), y,
+    out["ece_difference"] = paired_ece_difference(logits["jem"], logits["classifier"], y,
                                                   args.bootstrap)
     jem = models["jem"]
     g = torch.Generator().manual_seed(0)
